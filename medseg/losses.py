@@ -1,0 +1,107 @@
+"""Losses: U-Net pixel-weighted cross-entropy (Ronneberger et al. 2015, section 3, eq. 1), Dice + CE/BCE.
+
+``WeightedCrossEntropyLoss`` is the paper's energy: softmax over the classes, cross-entropy per pixel,
+multiplied by a per-pixel weight map (e.g. from :class:`medseg.transforms.UNetWeightMapd`). MONAI has
+no per-pixel weighted cross-entropy. Dice + cross-entropy is MONAI's :class:`monai.losses.DiceCELoss`,
+re-exported here; :class:`DiceBCELoss` is that loss set up like the brain-tumour seed (sigmoid, BCE + Dice).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from monai.utils import LossReduction
+from torch.nn.modules.loss import _Loss
+
+__all__ = ["WeightedCrossEntropyLoss", "DiceCELoss", "DiceBCELoss"]
+
+
+class WeightedCrossEntropyLoss(_Loss):
+    """Softmax cross-entropy per pixel times a per-pixel weight map, 2D or 3D.
+
+    ``loss(logits, target, weight)`` with
+
+    - ``logits``: ``(B, C, *spatial)``, ``C >= 2`` unnormalised scores;
+    - ``target``: class indices ``(B, 1, *spatial)`` or ``(B, *spatial)`` (integer, or float holding
+      integers, e.g. after a spatial transform), or one-hot / class probabilities ``(B, C, *spatial)``
+      (float, as ``torch.nn.functional.cross_entropy`` accepts);
+    - ``weight``: ``(B, 1, *spatial)``, ``(B, *spatial)`` or anything broadcastable to ``(B, *spatial)``;
+      ``None`` = all ones.
+
+    The per-pixel term is ``weight(x) * -log softmax(logits)(x)[target(x)]``, computed in float32 (also
+    under autocast). Reduction, as MONAI losses: ``"mean"`` = plain mean over all ``B * prod(spatial)``
+    pixel terms (the paper's sum over pixels, divided by their number; with weight 1 this is
+    ``F.cross_entropy``), ``"sum"`` = their sum, ``"none"`` = the ``(B, *spatial)`` map of terms.
+    With ``normalize=True``, ``"mean"`` divides by the sum of the weights instead (a weighted average,
+    so weight 0 excludes a pixel, like an ignore label).
+    """
+
+    def __init__(self, reduction: LossReduction | str = LossReduction.MEAN, normalize: bool = False) -> None:
+        super().__init__(reduction=LossReduction(reduction).value)
+        self.normalize = normalize
+
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if logits.dim() < 3:
+            raise ValueError(f"logits must be (B, C, *spatial), got shape {tuple(logits.shape)}")
+        n_classes = logits.shape[1]
+        if n_classes < 2:
+            raise ValueError("softmax cross-entropy needs C >= 2 channels (use DiceBCELoss for one channel)")
+        batch, spatial = logits.shape[0], logits.shape[2:]
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logp = F.log_softmax(logits.float(), dim=1)
+            if target.shape == logits.shape and target.is_floating_point():
+                nll = -(target.float() * logp).sum(dim=1)
+            else:
+                if target.dim() == logits.dim():
+                    if target.shape[1] != 1:
+                        raise ValueError(
+                            f"target {tuple(target.shape)} is neither class indices (B, 1, ...) / (B, ...) "
+                            f"nor one-hot {tuple(logits.shape)}"
+                        )
+                    target = target[:, 0]
+                if target.shape != (batch, *spatial):
+                    raise ValueError(
+                        f"target {tuple(target.shape)} does not match logits {tuple(logits.shape)}"
+                    )
+                index = target.long()
+                nll = -logp.gather(1, index.unsqueeze(1)).squeeze(1)
+            if weight is not None:
+                w = weight.float()
+                if w.dim() == logits.dim() and w.shape[1] == 1:
+                    w = w[:, 0]
+                nll = nll * w
+            if self.reduction == LossReduction.SUM.value:
+                return nll.sum()
+            if self.reduction == LossReduction.NONE.value:
+                return nll
+            if self.normalize and weight is not None:
+                total = torch.broadcast_to(w, nll.shape).sum()
+                return nll.sum() / total.clamp_min(torch.finfo(nll.dtype).tiny)
+            return nll.mean()
+
+
+class DiceBCELoss(DiceCELoss):
+    """Dice + binary cross-entropy on sigmoid outputs, as the brain-tumour seed trained (single class).
+
+    MONAI's :class:`~monai.losses.DiceCELoss` with ``sigmoid=True``: for one output channel it uses
+    ``BCEWithLogitsLoss``. For several channels (multi-label, e.g. overlapping tumour regions) the BCE
+    is applied per channel here as well, instead of the softmax cross-entropy DiceCELoss would use;
+    the target must then have the logits' shape. All arguments are DiceCELoss's.
+    """
+
+    def __init__(self, sigmoid: bool = True, **kwargs: object) -> None:
+        super().__init__(sigmoid=sigmoid, **kwargs)  # type: ignore[arg-type]
+        self._reduction = str(kwargs.get("reduction", "mean"))
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if input.shape[1] == 1:
+            return super().forward(input, target)
+        if target.shape != input.shape:
+            raise ValueError(
+                f"multi-label DiceBCELoss needs target shape {tuple(input.shape)}, got {tuple(target.shape)}"
+            )
+        bce = F.binary_cross_entropy_with_logits(input, target.to(input.dtype), reduction=self._reduction)
+        return self.lambda_dice * self.dice(input, target) + self.lambda_ce * bce
