@@ -1,0 +1,97 @@
+"""Small glue the bundles' training configs need on top of MONAI's workflows.
+
+- :func:`bundle_root`: the folder of the bundle whose config is being run, so that ``bundle_root`` and
+  ``dataset_dir`` do not depend on the working directory (MONAI itself offers no such value).
+- :class:`OutputCropLoss`: lets MONAI's ``SupervisedTrainer`` (which calls ``loss(pred, label)``) train a
+  valid-convolution U-Net, whose output is smaller than its input, with a per-pixel weight map.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["OutputCropLoss", "bundle_root", "center_crop_to"]
+
+
+def bundle_root(name: str | None = None) -> str:
+    """The root folder of the bundle whose config is being parsed, as an absolute path.
+
+    ``ConfigWorkflow`` (what ``python -m monai.bundle run`` and ``torchrun ... -m monai.bundle run``
+    build) knows the folder of its config files (``config_root_path``, the bundle's ``configs/``), but the
+    config cannot refer to it. This walks up the call stack to the ``ConfigWorkflow`` evaluating the
+    expression and returns that folder's parent, so a bundle runs the same from any working directory.
+    Outside a ``ConfigWorkflow`` (a bare ``ConfigParser``, e.g. MONAI Label, which overrides
+    ``bundle_root`` anyway) it falls back to ``bundles/<name>`` of this source checkout when ``name`` is
+    given and that folder exists, else to the working directory (MONAI's own convention).
+    """
+    from monai.bundle import ConfigWorkflow
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, ConfigWorkflow):
+                root = Path(obj.config_root_path)
+                root = root.parent if root.name == "configs" else root
+                return str(root.resolve())
+            frame = frame.f_back
+    finally:
+        del frame
+    if name is not None:
+        candidate = Path(__file__).resolve().parent.parent / "bundles" / name
+        if (candidate / "configs").is_dir():
+            return str(candidate)
+    return os.getcwd()
+
+
+def center_crop_to(x: torch.Tensor, spatial_shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Center-crop the spatial dims (all after the first two) of ``x`` to ``spatial_shape``.
+
+    The crop matches the valid U-Net's output window (BRIEF: output = input - 2 * border, centred), the
+    same centring rule as the skip-connection crops of the paper (Sec. 2).
+    """
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    have = tuple(x.shape[2:])
+    if len(have) != len(spatial_shape):
+        raise ValueError(f"cannot crop a tensor of shape {tuple(x.shape)} to spatial shape {spatial_shape}")
+    if have == spatial_shape:
+        return x
+    if any(h < s or (h - s) % 2 for h, s in zip(have, spatial_shape, strict=True)):
+        raise ValueError(
+            f"label of spatial shape {have} cannot be centre-cropped to the network output {spatial_shape}"
+        )
+    starts = [(h - s) // 2 for h, s in zip(have, spatial_shape, strict=True)]
+    crop = [slice(a, a + s) for a, s in zip(starts, spatial_shape, strict=True)]
+    return x[(slice(None), slice(None), *crop)]
+
+
+class OutputCropLoss(nn.Module):
+    """Adapt ``loss`` to the trainer's ``loss(pred, label)`` call for a valid-convolution network.
+
+    The label is centre-cropped to the prediction's spatial size (the input patch carries the context
+    border, the output does not). With ``weighted=True`` the label holds two channels, the class index and
+    the per-pixel weight map w(x) of Eq. (2) of the paper (stacked by ``ConcatItemsd``), and the wrapped
+    loss is called as ``loss(pred, target, weight)`` (e.g. :class:`medseg.losses.WeightedCrossEntropyLoss`);
+    otherwise as ``loss(pred, label)``.
+    """
+
+    def __init__(self, loss: nn.Module, weighted: bool = False) -> None:
+        super().__init__()
+        self.loss = loss
+        self.weighted = weighted
+
+    def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        label = center_crop_to(label, pred.shape[2:])
+        if not self.weighted:
+            return self.loss(pred, label)
+        if label.shape[1] != 2:
+            raise ValueError(
+                "weighted=True expects a 2-channel label (class index, weight map), "
+                f"got shape {tuple(label.shape)}"
+            )
+        return self.loss(pred, label[:, :1], label[:, 1:])
