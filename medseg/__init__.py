@@ -64,3 +64,7 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+# Eager but cheap (no MONAI import): hooks medseg's DICOM/.mat readers into MONAI's LoadImage.
+import medseg.data  # noqa: E402
