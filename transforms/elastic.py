@@ -56,6 +56,12 @@ def _interp_matrix_np(size: int, points: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=128)
+def _lebesgue(size: int, points: int) -> float:
+    """Largest factor by which the interpolation can amplify the control values (max row sum of |M|)."""
+    return float(np.abs(_interp_matrix_np(size, points)).sum(1).max())
+
+
+@functools.lru_cache(maxsize=128)
 def _interp_matrix(size: int, points: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.as_tensor(_interp_matrix_np(size, points), dtype=dtype, device=device)
 
@@ -113,9 +119,7 @@ def elastic_grid(
     # interpolation row sums to one, so it becomes a constant in the field).
     periodic = False
     if padding_mode == "reflection":
-        lebesgue = math.prod(
-            float(np.abs(_interp_matrix_np(n, p)).sum(1).max()) for n, p in zip(shape, points)
-        )
+        lebesgue = math.prod(_lebesgue(n, p) for n, p in zip(shape, points, strict=True))
         reach = displacement.detach().abs().amax(dim=tuple(range(1, nd + 1))).cpu().double() * lebesgue
         periodic = bool((reach >= torch.tensor([max(n - 1, 1) for n in shape], dtype=torch.float64)).any())
         t = t + (3.0 if periodic else 1.0)
