@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from medseg.transforms import UNetWeightMap, UNetWeightMapd, separate_instances, unet_weight_map
 from monai.data import MetaTensor
-from monai.transforms import Compose, Flipd
+from monai.transforms import Compose, Flipd, LoadImage, LoadImaged
 from scipy import ndimage
 
 
@@ -196,18 +197,18 @@ def test_dict_transform_meta_label_update_and_spatial_follow(cells_2d: np.ndarra
 NUCLEI = Path(__file__).resolve().parents[1] / "sample_data" / "nuclei_2d"
 
 
-@pytest.mark.skipif(not NUCLEI.is_dir(), reason="sample_data/nuclei_2d not generated")
+@pytest.mark.skipif(not (NUCLEI / "datalist.json").is_file(), reason="sample_data/nuclei_2d not generated")
 def test_on_project_sample_nuclei() -> None:
-    import tifffile
-
-    files = sorted(
-        p for p in NUCLEI.rglob("*") if p.suffix in (".tif", ".tiff") and "label" in p.name.lower()
-    )
-    if not files:
-        pytest.skip("no instance-label TIFF in sample_data/nuclei_2d")
-    lab = np.squeeze(tifffile.imread(files[0])).astype(np.int64)
-    if lab.ndim != 2 or len(np.unique(lab)) < 3:
-        pytest.skip(f"{files[0].name} is not a 2D instance-label image")
-    sep = separate_instances(lab)
+    """Real pipeline on the project's sample nuclei: LoadImaged -> UNetWeightMapd vs the reference."""
+    item = json.loads((NUCLEI / "datalist.json").read_text())["training"][0]
+    pipeline = Compose([LoadImaged(keys="label", ensure_channel_first=True), UNetWeightMapd(keys="label")])
+    out = pipeline({"label": str(NUCLEI / item["label"])})
+    raw = LoadImage(image_only=True)(str(NUCLEI / item["label"])).numpy().astype(np.int64)
+    assert len(touching_pairs(raw, 2)) > 3  # the sample has touching nuclei sharing a border
+    sep = out["label"].numpy()[0].astype(np.int64)
     assert touching_pairs(sep, 2) == set()
-    assert np.abs(unet_weight_map(lab) - naive_weight_map(sep, 10.0, 5.0)).max() < 1e-3
+    np.testing.assert_array_equal(sep, separate_instances(raw))
+    assert out["weight"].shape == out["label"].shape and out["weight"].meta["filename_or_obj"].endswith(
+        ".png"
+    )
+    assert np.abs(out["weight"].numpy()[0] - naive_weight_map(sep, 10.0, 5.0)).max() < 1e-3

@@ -223,7 +223,7 @@ class UNetWeightMap(Transform):
     Args: see :func:`unet_weight_map`.
     """
 
-    backend = [TransformBackends.NUMPY, TransformBackends.TORCH]
+    backend = [TransformBackends.NUMPY]  # scipy on the CPU; torch in, torch out (same device)
 
     def __init__(
         self,
