@@ -73,15 +73,19 @@ def _entries(folder: Path) -> list[Path]:
 
 
 def mat_patient_id(path: str | os.PathLike[str]) -> str:
-    """The patient id ``cjdata/PID`` of a figshare-format MATLAB v7.3 file (HDF5, ``char`` = uint16 codes)."""
+    """The patient id ``cjdata/PID`` of a figshare-format MAT-file (v7.3 = HDF5, or v5 / v7)."""
     import h5py
+    import scipy.io
 
     try:
-        with h5py.File(path, "r") as f:
-            codes = np.asarray(f["cjdata/PID"]).ravel()
-    except (OSError, KeyError) as e:
-        raise ReadError(path, f"cannot read the patient id cjdata/PID ({e})") from e
-    return "".join(chr(int(c)) for c in codes if int(c) != 0).strip()
+        if h5py.is_hdf5(path):  # v7.3: char = uint16 code units
+            with h5py.File(path, "r") as f:
+                codes = np.asarray(f["cjdata/PID"]).ravel()
+            return "".join(chr(int(c)) for c in codes if int(c) != 0).strip()
+        cjdata = scipy.io.loadmat(path, variable_names=["cjdata"], squeeze_me=True, struct_as_record=False)
+        return str(cjdata["cjdata"].PID).strip()
+    except (OSError, KeyError, ValueError, AttributeError, TypeError) as e:
+        raise ReadError(path, f"cannot read the patient id cjdata/PID ({type(e).__name__}: {e})") from e
 
 
 def split_by_group(
