@@ -121,15 +121,15 @@ def test_regeneration_equals_committed(name: str, regenerated: Path) -> None:
         _assert_same(_content(committed / rel), _content(fresh / rel), f"{name}/{rel}")
 
 
-def test_regeneration_is_bit_identical(tmp_path: Path) -> None:
+def test_regeneration_is_bit_identical(regenerated: Path, tmp_path: Path) -> None:
     """Two runs on one machine give the same bytes: no time stamps, no unseeded randomness."""
-    a = generate_sample_data(tmp_path / "a", ["nuclei_2d"], seed=3)[0]
-    b = generate_sample_data(tmp_path / "b", ["nuclei_2d"], seed=3)[0]
+    a = regenerated / "nuclei_2d"
+    b = generate_sample_data(tmp_path, ["nuclei_2d"], seed=0)[0]
     assert _files(a) == _files(b)
     assert all((a / r).read_bytes() == (b / r).read_bytes() for r in _files(a))
-    c = generate_sample_data(tmp_path / "a", ["nuclei_2d"], seed=4)[0]  # replaces the folder
-    assert c == a and not list(tmp_path.glob("a/.*"))
-    assert (a / "images/nuclei_00.png").read_bytes() != (b / "images/nuclei_00.png").read_bytes()
+    c = generate_sample_data(tmp_path, ["nuclei_2d"], seed=1)[0]  # replaces the folder
+    assert c == b and not list(tmp_path.glob(".*"))
+    assert (a / "images/nuclei_00.png").read_bytes() != (c / "images/nuclei_00.png").read_bytes()
 
 
 @pytest.mark.parametrize("name", DATASETS)
