@@ -303,17 +303,37 @@ SAMPLE_MATS = sorted(glob.glob(str(REPO / "sample_data" / "brain_mri_mat" / "**"
 
 @pytest.mark.skipif(not SAMPLE_MATS, reason="sample_data/brain_mri_mat not generated")
 def test_sample_data_mat_files() -> None:
-    versions = {}
+    """v7.3 and v5 sample files: the enhancing tumour lies under the mask and on its tumorBorder outline."""
+    from scipy import ndimage as ndi
+
+    def read(path: str, field: str) -> tuple[np.ndarray, dict]:
+        reader = MatReader(field=field)
+        return reader.get_data(reader.read(path))
+
+    versions = set()
     for path in SAMPLE_MATS:
-        img, meta = MatReader(field="cjdata/image").get_data(MatReader(field="cjdata/image").read(path))
-        msk, _ = MatReader(field="cjdata/tumorMask").get_data(MatReader(field="cjdata/tumorMask").read(path))
-        assert img.shape == msk.shape and img.ndim == 2
-        assert msk.dtype == np.uint8 and set(np.unique(msk)) <= {0, 1} and msk.any()
-        assert isinstance(meta.get("mat_PID"), str) and meta.get("mat_label") in (1.0, 2.0, 3.0)
-        versions.setdefault(meta["mat_file_version"], []).append((meta["mat_PID"], img, msk))
-    # the same case saved as v7.3 and as v5 must load identically
-    for pid, img73, msk73 in versions.get("7.3", []):
-        for pid5, img5, msk5 in versions.get("5", []):
-            if pid5 == pid and img5.shape == img73.shape and np.array_equal(img5, img73):
-                np.testing.assert_array_equal(msk5, msk73)
-    assert "7.3" in versions
+        img, meta = read(path, "cjdata/image")
+        msk, _ = read(path, "cjdata/tumorMask")
+        border, _ = read(path, "cjdata/tumorBorder")
+        versions.add(meta["mat_file_version"])
+        assert img.shape == msk.shape == (512, 512) and img.dtype == np.int16 and msk.dtype == np.uint8
+        assert set(np.unique(msk)) == {0, 1}
+        assert (
+            isinstance(meta["mat_PID"], str)
+            and meta["mat_PID"].isdigit()
+            and meta["mat_label"] in (1.0, 2.0, 3.0)
+        )
+        m = msk.astype(bool)
+        # image and mask aligned: the tumour is brighter than a ring around it, and not when transposed
+        contrast = []
+        for mm in (m, m.T):
+            ring = ndi.binary_dilation(mm, iterations=6) & ~mm
+            contrast.append(img[mm].mean() - img[ring].mean())
+        assert contrast[0] > 0.8 * img.std() and contrast[0] > contrast[1] + 100, path
+        # the generator's outline ([x1 y1 x2 y2 ...], x = column, y = row, 1-based) follows the mask edge
+        pts = np.asarray(border, dtype=float).reshape(-1, 2)
+        rows, cols = np.rint(pts[:, 1]).astype(int) - 1, np.rint(pts[:, 0]).astype(int) - 1
+        to_mask, to_background = ndi.distance_transform_edt(~m), ndi.distance_transform_edt(m)
+        near_edge = (to_mask[rows, cols] <= 1.5) & (to_background[rows, cols] <= 1.5)
+        assert near_edge.mean() > 0.9, path
+    assert versions == {"7.3", "5"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import glob
 import os
 from pathlib import Path
 
@@ -341,24 +340,40 @@ def test_dicom_seg_bad_inputs(tmp_path: Path, ct_series: tuple[Path, list[str]])
     assert px[0, 0, 0, 0] == 1 and px[..., 0].sum() == 1
 
 
-CT_3D = sorted(
-    p for p in glob.glob(str(REPO / "sample_data" / "ct_3d" / "**"), recursive=True) if os.path.isdir(p)
-)
+CT_3D = REPO / "sample_data" / "ct_3d"
 
 
-def _sample_series_folders() -> list[str]:
-    return [d for d in CT_3D if any(f.lower().endswith(".dcm") for f in os.listdir(d))]
-
-
-@pytest.mark.skipif(not _sample_series_folders(), reason="sample_data/ct_3d not generated")
-def test_dicom_seg_for_sample_ct(tmp_path: Path) -> None:
+@pytest.mark.skipif(not (CT_3D / "dicom" / "case_000").is_dir(), reason="sample_data/ct_3d not generated")
+def test_dicom_seg_and_nifti_for_sample_ct(tmp_path: Path) -> None:
+    """The liver label of a sample case as DICOM SEG over its DICOM series, and back as NIfTI."""
     from medseg.data.dicom_reader import DicomReader
 
-    folder = _sample_series_folders()[0]
-    img = LoadImage(reader=DicomReader(), image_only=True, ensure_channel_first=True)(folder)
+    img = LoadImage(reader=DicomReader(), image_only=True, ensure_channel_first=True)(
+        str(CT_3D / "dicom" / "case_000")
+    )
+    label = _load_nifti(CT_3D / "labels" / "case_000.nii.gz")
+    assert img.shape == label.shape
+    np.testing.assert_allclose(img.affine.numpy(), label.affine.numpy(), atol=1e-4)  # same grid
     files = list(img.meta["dicom_source_files"])
-    thr = float(torch.quantile(img.float().flatten()[::7], 0.9))
-    mask = (img > thr).to(torch.uint8)
-    write_dicom_seg(mask, None, tmp_path / "seg.dcm", ["bright"])
-    expected = np.stack([np.asarray(mask[0, :, :, k]).T for k in range(mask.shape[-1])])
-    _check_seg(tmp_path / "seg.dcm", files, expected, 1, omitted=True)
+    out = tmp_path / "liver_seg.dcm"
+    write_dicom_seg(label.to(torch.uint8), files, out, {1: "liver"})
+    expected = np.stack([label[0, :, :, k].numpy().T for k in range(label.shape[-1])]).astype(np.uint8)
+    _check_seg(out, files, expected, 1, omitted=True)
+    # independent orientation check: SEG pixels against each source file's own pixels (pydicom, no transposes)
+    seg = hd.seg.segread(out)
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    px = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])[..., 0]
+    inside, outside = [], []
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        inside.append(hu[px[k] > 0])
+        outside.append(hu[px[k] == 0])
+    liver = np.concatenate(inside)
+    assert 80 < np.median(liver) < 130 and abs(np.median(np.concatenate(outside)) - np.median(liver)) > 50
+    # the NIfTI writer puts the same label back on the scan's grid
+    write_nifti_mask(label, None, tmp_path / "liver.nii.gz")
+    src = nib.load(CT_3D / "labels" / "case_000.nii.gz")
+    back = nib.load(tmp_path / "liver.nii.gz")
+    np.testing.assert_allclose(back.affine, src.affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(src.dataobj))

@@ -403,7 +403,8 @@ class MatReader(ImageReader):
             numeric = [p for p, n in _walk(root) if n.kind in ("numeric", "logical")]
             raise ReadError(
                 path,
-                f"field {field!r} is {node.describe()} ({node.kind}), not a numeric array; "
+                f"field {field!r} is {node.describe()}"
+                f"{'' if node.kind in node.mclass else f' ({node.kind})'}, not a numeric array; "
                 f"numeric fields: {', '.join(numeric) if numeric else 'none'}",
             )
         arr = node.value()
