@@ -1,7 +1,7 @@
 """``nuclei_2d``: fluorescence-microscopy-like images of cell nuclei with instance labels.
 
 Each image holds many elliptical nuclei with wavy outlines; about a third of them are placed in
-touching clusters (pairs and triples that share a border, the case the U-Net paper's border
+touching clusters (pairs, triples and chains that share a border, the case the U-Net paper's border
 weights are made for). Nuclei have chromatin texture and varying brightness; the image gets
 uneven illumination, dim out-of-focus nuclei (not labelled), optical blur, Poisson shot noise and
 read noise. Images are 8-bit PNG, labels 16-bit PNG instance masks (0 = background, 1..N).
@@ -147,6 +147,7 @@ def generate(out: Path, rng: np.random.Generator, seed: int) -> None:
     (out / "labels").mkdir()
     entries: list[dict[str, str]] = []
     counts: list[int] = []
+    touching: list[int] = []
     for i in range(N_IMAGES):
         shape = SIZES[i % len(SIZES)]
         image, labels = make_image(rng, shape)
@@ -155,19 +156,30 @@ def generate(out: Path, rng: np.random.Generator, seed: int) -> None:
         Image.fromarray(labels.astype("<u2")).save(out / "labels" / name, compress_level=9)
         entries.append({"image": f"images/{name}", "label": f"labels/{name}"})
         counts.append(int(labels.max()))
+        touching.append(_n_touching(labels))
     datalist = {split: [entries[i] for i in idx] for split, idx in SPLITS.items()}
     write_json(out / "datalist.json", datalist)
-    (out / "README.md").write_text(_readme(seed, counts), encoding="utf-8")
+    (out / "README.md").write_text(_readme(seed, counts, sum(touching)), encoding="utf-8")
 
 
-def _readme(seed: int, counts: list[int]) -> str:
+def _n_touching(labels: np.ndarray) -> int:
+    """Number of instances that share a border with another instance (4-neighbourhood)."""
+    ids: set[int] = set()
+    for a, b in ((labels[:, 1:], labels[:, :-1]), (labels[1:], labels[:-1])):
+        m = (a > 0) & (b > 0) & (a != b)
+        ids |= set(a[m].tolist()) | set(b[m].tolist())
+    return len(ids)
+
+
+def _readme(seed: int, counts: list[int], n_touching: int) -> str:
     sizes = ", ".join(f"{h}x{w}" for h, w in SIZES)
     return f"""# nuclei_2d: synthetic fluorescence microscopy of cell nuclei
 
-{N_IMAGES} single-channel 2D images (sizes {sizes} px, rows x columns) of a DAPI-like nuclear
-stain, with {min(counts)}-{max(counts)} nuclei per image ({sum(counts)} in all). Nuclei are
-wavy ellipses with chromatin texture and varying brightness; about a third of them are in
-touching clusters (pairs and triples sharing a border). The image has uneven illumination, dim
+{N_IMAGES} single-channel 2D images of a DAPI-like nuclear stain (sizes {sizes} px,
+rows x columns), with {min(counts)}-{max(counts)} nuclei per image ({sum(counts)} in all). Nuclei are
+wavy ellipses with chromatin texture and varying brightness; {n_touching} of them
+({100 * n_touching / sum(counts):.0f}%) touch another nucleus (clusters sharing a border).
+The image has uneven illumination, dim
 out-of-focus nuclei in the background (not labelled), optical blur, Poisson shot noise and
 read noise.
 
