@@ -551,80 +551,108 @@ class DicomReader(ImageReader):
         return slices, unit * step_len, n_out, (d, targets, nearest)
 
     def _decode(self, path: str, slices: list[_Slice], force_float: bool = False) -> tuple[np.ndarray, str]:
-        """Decode all slices into one ``(x, y, z[, c])`` array (F-contiguous), rescale applied.
+        """Decode all slices into one C-contiguous ``(x, y, z[, c])`` array, rescale applied.
 
-        The output dtype is fixed from the headers before decoding, so every worker thread writes its
-        rescaled slice straight into the output: the stored dtype when there is no rescale, int16 or
-        int32 when slope and intercept are integers (range from BitsStored), float32 otherwise.
+        Worker threads write the stored values of slice ``k`` into ``raw[k]`` (and its min/max); the
+        output dtype is then the stored dtype when there is no rescale, the smallest of int16/int32
+        holding the rescaled range when slope and intercept are integers, else float32; a blocked
+        transposed copy writes ``(z, y, x) -> (x, y, z)`` (MONAI's layout) with the rescale fused in.
         """
         first = slices[0]
         n = len(slices)
-        shape = (n, first.rows, first.cols) + ((first.samples,) if first.samples > 1 else ())
+        frame_shape = (first.rows, first.cols) + ((first.samples,) if first.samples > 1 else ())
+        stored = {(s.bits, s.signed) for s in slices}
+        if force_float or len(stored) > 1 or first.bits not in (8, 16, 32):
+            raw_dtype = np.dtype(np.float32)
+        else:
+            raw_dtype = np.dtype(f"{'i' if first.signed else 'u'}{first.bits // 8}")
+        raw = np.empty((n, *frame_shape), dtype=raw_dtype)
         slopes = np.array([s.slope for s in slices])
         inters = np.array([s.intercept for s in slices])
-        stored = {(s.bits, s.signed, s.bits_stored) for s in slices}
-        integral = bool(np.all(slopes == np.round(slopes)) and np.all(inters == np.round(inters)))
-        trivial = bool(np.all(slopes == 1.0) and np.all(inters == 0.0))
-        if force_float or not integral or len(stored) > 1 or first.bits not in (8, 16, 32):
-            dtype = np.dtype(np.float32)
-        elif trivial:
-            dtype = np.dtype(f"{'i' if first.signed else 'u'}{first.bits // 8}")
-        else:
-            bs = min(first.bits_stored, first.bits)
-            lo_s, hi_s = (-(2 ** (bs - 1)), 2 ** (bs - 1) - 1) if first.signed else (0, 2**bs - 1)
-            ends = np.concatenate([slopes * lo_s + inters, slopes * hi_s + inters])
-            lo, hi = float(ends.min()), float(ends.max())
-            dtype = np.dtype(np.int16) if -(2**15) <= lo and hi < 2**15 else np.dtype(np.int32)
-            if not (-(2**31) <= lo and hi < 2**31):
-                dtype = np.dtype(np.float32)
-        out = np.empty(shape, dtype=dtype)
-        is_int = np.issubdtype(dtype, np.integer)
-        needs_float: list[int] = []
+        lo = np.zeros(n)
+        hi = np.zeros(n)
+        mismatch: list[int] = []
+        cache: dict = {}
 
         def work(k: int) -> None:
-            raw, rescaled = self._decode_slice(slices[k])
-            if raw.shape != out.shape[1:]:
-                raise ReadError(slices[k].path, f"pixel data of shape {raw.shape}, expected {out.shape[1:]}")
-            if is_int and not np.issubdtype(raw.dtype, np.integer):
-                needs_float.append(k)
+            arr, rescaled = self._decode_slice(slices[k], cache)
+            if arr.shape != frame_shape:
+                raise ReadError(slices[k].path, f"pixel data of shape {arr.shape}, expected {frame_shape}")
+            if rescaled and raw_dtype.kind != "f":  # SimpleITK applied the rescale itself
+                mismatch.append(k)
                 return
-            s, i = (1.0, 0.0) if rescaled else (slopes[k], inters[k])
-            if s == 1.0 and i == 0.0:
-                np.copyto(out[k], raw, casting="unsafe")
-            elif is_int:
-                np.multiply(raw, int(s), out=out[k], casting="unsafe")
-                out[k] += int(i)
-            else:
-                np.multiply(raw, np.float32(s), out=out[k], casting="unsafe")
-                out[k] += np.float32(i)
+            if rescaled:
+                slopes[k], inters[k] = 1.0, 0.0
+            if raw_dtype.kind != "f" and arr.dtype.kind not in "iu":
+                mismatch.append(k)
+                return
+            np.copyto(raw[k], arr, casting="unsafe")
+            if raw_dtype.kind != "f" and arr.size:
+                lo[k], hi[k] = arr.min(), arr.max()
 
-        if n == 1:
-            work(0)
+        if first.n_frames > 1 or n == 1:  # one (multi-frame) file: decode once, frames in order
+            for k in range(n):
+                work(k)
         else:
             with ThreadPoolExecutor(self.num_workers) as pool:
                 list(pool.map(work, range(n)))
-        if needs_float:  # floating-point pixel data (or a decoder that rescaled to float)
+        if mismatch:  # float pixel data, or values SimpleITK already rescaled: redo in float32
             return self._decode(path, slices, force_float=True)
+
+        trivial = bool(np.all(slopes == 1.0) and np.all(inters == 0.0))
+        integral = bool(np.all(slopes == np.round(slopes)) and np.all(inters == np.round(inters)))
+        if raw_dtype.kind == "f":
+            dtype = raw_dtype
+        elif trivial:
+            dtype = raw_dtype
+        elif integral:
+            ends = np.concatenate([slopes * lo + inters, slopes * hi + inters])
+            lo_all, hi_all = float(ends.min()), float(ends.max())
+            if -(2**15) <= lo_all and hi_all < 2**15:
+                dtype = np.dtype(np.int16)
+            elif -(2**31) <= lo_all and hi_all < 2**31:
+                dtype = np.dtype(np.int32)
+            else:
+                dtype = np.dtype(np.float64)
+        else:
+            dtype = np.dtype(np.float32)
+        uniform = bool(np.all(slopes == slopes[0]) and np.all(inters == inters[0]))
+        out = np.empty((first.cols, first.rows, n, *frame_shape[2:]), dtype=dtype)
+        block = 32
+        for k0 in range(0, n, block):
+            k1 = min(n, k0 + block)
+            src = raw[k0:k1]
+            if not trivial:
+                if uniform:
+                    src = src.astype(dtype)
+                    if slopes[0] != 1:
+                        src *= dtype.type(slopes[0])
+                    src += dtype.type(inters[0])
+                else:
+                    shape = (k1 - k0,) + (1,) * (src.ndim - 1)
+                    src = (
+                        src.astype(dtype) * slopes[k0:k1].astype(dtype).reshape(shape)
+                        + inters[k0:k1].astype(dtype).reshape(shape)
+                    ).astype(dtype, copy=False)
+            out[:, :, k0:k1] = np.swapaxes(src, 0, 2) if src.ndim == 3 else src.transpose(2, 1, 0, 3)
         if dtype.kind == "f" and not np.isfinite(out).all():
             raise ReadError(path, "pixel data contains NaN or infinite values")
-        # (z, rows, cols[, c]) -> (x=cols, y=rows, z[, c]) as a view: F-contiguous, no copy
-        arr = out.transpose(2, 1, 0) if out.ndim == 3 else out.transpose(2, 1, 0, 3)
-        return arr, str(out.dtype)
+        return out, str(dtype)
 
-    def _decode_slice(self, s: _Slice) -> tuple[np.ndarray, bool]:
+    def _decode_slice(self, s: _Slice, cache: dict | None = None) -> tuple[np.ndarray, bool]:
         """Stored values of one frame (rows, cols[, samples]); True if already rescaled (SimpleITK)."""
         if self.decoder == "auto":
             fast = _read_native(s)
             if fast is not None:
                 return fast, False
             try:
-                return _read_pydicom(s), False
+                return _read_pydicom(s, cache), False
             except Exception as e:  # no pydicom decoder for this syntax, or corrupt data
                 pyd_err = e
         else:
             pyd_err = None
         try:
-            return _read_sitk(s), True
+            return _read_sitk(s, cache), True
         except Exception as e:
             reason = f"cannot decode pixel data (transfer syntax {_syntax_name(s.syntax)})"
             if pyd_err is not None:
@@ -662,53 +690,76 @@ def _read_native(s: _Slice) -> np.ndarray | None:
     total = frame_bytes * s.n_frames
     length = total + (total & 1)
     tag = b"\xe0\x7f\x10\x00" if endian == "<" else b"\x7f\xe0\x00\x10"
+    dtype = np.dtype(f"{endian}{'i' if s.signed else 'u'}{s.bits // 8}")
+    length_bytes = length.to_bytes(4, "little" if endian == "<" else "big")
+    sigs = (
+        [tag + vr + b"\x00\x00" + length_bytes for vr in (b"OW", b"OB")] if explicit else [tag + length_bytes]
+    )
     try:
         size = os.path.getsize(s.path)
-        hdr_len = 12 if explicit else 8
-        start = size - length
-        if start - hdr_len < 0:
-            return None
         with open(s.path, "rb") as fh:
-            fh.seek(start - hdr_len)
-            hdr = fh.read(hdr_len)
-            if hdr[:4] != tag:
-                return None
-            if explicit and (hdr[4:6] not in (b"OW", b"OB") or hdr[6:8] != b"\x00\x00"):
-                return None
-            if int.from_bytes(hdr[-4:], "little" if endian == "<" else "big") != length:
-                return None
-            fh.seek(start + s.frame * frame_bytes)
-            dtype = np.dtype(f"{endian}{'i' if s.signed else 'u'}{s.bits // 8}")
-            arr = np.empty((s.rows, s.cols), dtype=dtype)
-            if fh.readinto(memoryview(arr).cast("B")) != frame_bytes:
-                return None
+            # common case: PixelData is the last element -> read only its header and the frame
+            start = size - length
+            if start - len(sigs[0]) >= 0:
+                fh.seek(start - len(sigs[0]))
+                if fh.read(len(sigs[0])) in sigs:
+                    fh.seek(start + s.frame * frame_bytes)
+                    arr = np.empty((s.rows, s.cols), dtype=dtype)
+                    if fh.readinto(memoryview(arr).cast("B")) != frame_bytes:
+                        return None
+                    return _sign_extend(arr, s)
+            if s.n_frames > 1:
+                return None  # pydicom decodes the file once for all frames
+            # otherwise (trailing padding, ...): find the element header in the file
+            fh.seek(0)
+            buf = fh.read()
     except OSError:
         return None
+    found = [(p, sig) for sig in sigs if (p := buf.find(sig)) >= 0]
+    if not found:
+        return None
+    pos, sig = min(found)
+    if pos + len(sig) + length > len(buf):
+        return None
+    offset = pos + len(sig) + s.frame * frame_bytes
+    arr = np.frombuffer(buf, dtype=dtype, count=s.rows * s.cols, offset=offset).reshape(s.rows, s.cols)
+    return _sign_extend(arr, s)
+
+
+def _sign_extend(arr: np.ndarray, s: _Slice) -> np.ndarray:
     if s.signed and s.bits_stored < s.bits:  # sign-extend from BitsStored (PS3.5 8.1.1)
         shift = s.bits - s.bits_stored
         arr = (arr << shift) >> shift
     return arr
 
 
-def _read_pydicom(s: _Slice) -> np.ndarray:
+def _read_pydicom(s: _Slice, cache: dict[tuple[str, str], np.ndarray] | None = None) -> np.ndarray:
     import pydicom
 
-    ds = pydicom.dcmread(s.path)
-    arr = ds.pixel_array
-    if s.n_frames > 1:
-        arr = arr[s.frame]
-    return np.asarray(arr)
+    key = ("pydicom", s.path)
+    if cache is not None and key in cache:
+        arr = cache[key]
+    else:
+        arr = np.asarray(pydicom.dcmread(s.path).pixel_array)
+        if cache is not None and s.n_frames > 1:
+            cache[key] = arr
+    return arr[s.frame] if s.n_frames > 1 else arr
 
 
-def _read_sitk(s: _Slice) -> np.ndarray:
+def _read_sitk(s: _Slice, cache: dict[tuple[str, str], np.ndarray] | None = None) -> np.ndarray:
     import SimpleITK as sitk
 
+    key = ("sitk", s.path)
+    if cache is not None and key in cache:
+        return cache[key][s.frame]
     img = sitk.ReadImage(s.path)
     arr = sitk.GetArrayFromImage(img)  # (frames, rows, cols[, c])
     if arr.ndim == 2 or (
         arr.ndim == 3 and img.GetNumberOfComponentsPerPixel() > 1 and img.GetDimension() == 2
     ):
         arr = arr[None]
+    if cache is not None and s.n_frames > 1:
+        cache[key] = arr
     return arr[s.frame]
 
 
