@@ -273,7 +273,10 @@ class RandElasticGrid(RandomizableTransform):
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
         self.dtype = dtype
-        _num_points((8, 8), num_points, spacing)  # validate early
+        if spacing is None and min(np.atleast_1d(np.asarray(num_points))) < 2:
+            raise ValueError(f"num_points must be >= 2 per axis, got {num_points}.")
+        if spacing is not None and min(np.atleast_1d(np.asarray(spacing, dtype=float))) <= 0:
+            raise ValueError(f"spacing must be positive, got {spacing}.")
         self.displacement: np.ndarray | None = None
 
     def _sigmas(self, nd: int) -> tuple[float, ...]:
