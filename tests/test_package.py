@@ -56,6 +56,10 @@ def test_non_editable_install_imports(tmp_path: Path) -> None:
         pytest.fail(f"pip install . failed:\n{build.stderr[-3000:]}")
     assert (target / "medseg" / "transforms" / "__init__.py").is_file()
     assert not (target / "transforms").exists(), "transforms/ must only be installed as medseg.transforms"
+    # every subpackage of the source tree made it into the wheel (the package list is explicit)
+    for init in (REPO / "medseg").rglob("__init__.py"):
+        rel = init.relative_to(REPO)
+        assert (target / rel).is_file(), f"{rel.parent} is missing from the wheel: add it to pyproject.toml"
     # the wheel comes first on the path; the venv supplies the dependencies
     env = {**os.environ, "PYTHONPATH": str(target)}
     code = "import medseg, medseg.transforms as t; print(medseg.__file__); print(t.__file__)"
