@@ -183,6 +183,18 @@ def test_v73_equals_v5_for_every_kind(tmp_path: Path) -> None:
         assert meta["mat_site"] == "Zürich"
 
 
+def test_v4_file_and_reader_kwargs_through_loadimage(tmp_path: Path) -> None:
+    arr = np.arange(35, dtype=np.float64).reshape(5, 7)
+    scipy.io.savemat(tmp_path / "old.mat", {"img": arr, "other": np.ones((1, 1))}, format="4")
+    assert scipy.io.matlab.matfile_version(str(tmp_path / "old.mat"))[0] == 0
+    out, meta = MatReader().get_data(MatReader().read(tmp_path / "old.mat"))
+    np.testing.assert_array_equal(out, arr)
+    assert meta["mat_file_version"] == "4" and meta["mat_other"] == 1.0
+    # LoadImage instantiates a reader class with its keyword arguments (bundle configs do this)
+    img = LoadImage(reader=MatReader, field="img", image_only=True)(tmp_path / "old.mat")
+    np.testing.assert_array_equal(img.numpy(), arr.astype(np.float32))
+
+
 def test_same_file_image_and_label_in_a_datalist(pair: tuple[Path, Path, dict]) -> None:
     p73, p5, data = pair
     transform = Compose(
