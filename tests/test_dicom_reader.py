@@ -233,14 +233,10 @@ def test_load_image_picks_readers() -> None:
         assert "dicom_source_files" in meta, path
     img, _ = loader(str(DIRS / "98892001" / "CT5N"))
     np.testing.assert_array_equal(img.numpy(), load(DIRS / "98892001" / "CT5N")[0])
-    nii = (
-        Path(NibabelReader.__module__ and __import__("nibabel").__file__).parent
-        / "tests"
-        / "data"
-        / "anatomical.nii"
-    )
+    nii = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"
     picked = [r for r in loader.readers[::-1] if r.verify_suffix(str(nii))][0]
-    assert type(picked).__name__ == "NibabelReader"
+    assert isinstance(picked, NibabelReader)
+    assert tuple(loader(str(nii))[0].shape) == nibabel.load(nii).shape
     assert not DicomReader().verify_suffix("x.mat")
     for reader in ("DicomReader", "dicomreader", DicomReader, DicomReader(series_uid=None)):
         img = LoadImage(reader=reader, image_only=True)(str(DIRS / "98892001" / "CT5N"))
