@@ -1,0 +1,240 @@
+"""The three MONAI bundles: metadata, network I/O, workflow properties, and a real 1-epoch train /
+evaluate / infer / export cycle on tiny subsets of the sample data (CPU).
+
+Each bundle is copied to a temporary folder (so a user's ``models/`` is never touched, and the runs
+prove that ``bundle_root`` follows the config file, not the working directory); commands run from yet
+another working directory, with ``--dataset_dir`` pointing at the repository's sample data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLES = REPO / "bundles"
+SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
+NAMES = ("unet_nuclei_2d", "unet_brain_tumor_mri", "unet_ct_3d")
+DATASETS = {"unet_nuclei_2d": "nuclei_2d", "unet_brain_tumor_mri": "brain_mri_mat", "unet_ct_3d": "ct_3d"}
+CONFIG_FILES = (
+    "train.json", "evaluate.json", "inference.json", "multi_gpu_train.json", "metadata.json", "logging.conf",
+)
+
+# tiny, fast settings per bundle (1 epoch, 2 training cases, 1 validation case, small patches)
+QUICK: dict[str, dict[str, str]] = {
+    "unet_nuclei_2d": {"patch_size": "[124,124]", "tile_size": "[156,156]", "batch_size": "2"},
+    "unet_brain_tumor_mri": {"image_size": "[64,64]", "batch_size": "2"},
+    "unet_ct_3d": {"patch_size": "[32,32,16]", "tile_size": "[48,48,24]", "samples_per_volume": "1"},
+}
+COMMON = {
+    "epochs": "1",
+    "val_interval": "1",
+    "num_workers": "0",
+    "train_list": "$medseg.data.datalist.load_datalist(@dataset_dir, 'training')[:2]",
+    "val_list": "$medseg.data.datalist.load_datalist(@dataset_dir, 'validation')[:1]",
+}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def _args(overrides: dict[str, str]) -> list[str]:
+    out: list[str] = []
+    for k, v in overrides.items():
+        out += [f"--{k}", v]
+    return out
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nexit {proc.returncode}\n{tail}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repository's sample data, or a freshly generated copy if it is not there."""
+    root = REPO / "sample_data"
+    if all((root / d / "datalist.json").is_file() for d in DATASETS.values()):
+        return root
+    from medseg.data.sample_data import generate_sample_data
+
+    out = tmp_path_factory.mktemp("sample_data")
+    for d in DATASETS.values():
+        generate_sample_data(out, [d])
+    return out
+
+
+def _copy_bundle(name: str, dest: Path) -> Path:
+    target = dest / name
+    shutil.copytree(BUNDLES / name, target, ignore=shutil.ignore_patterns("models", "eval", "runs"))
+    return target
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bundle_layout_and_metadata(name: str) -> None:
+    root = BUNDLES / name
+    for f in CONFIG_FILES:
+        assert (root / "configs" / f).is_file(), f"{name}: configs/{f} missing"
+    assert "Apache License" in (root / "LICENSE").read_text()
+    assert (root / "docs" / "README.md").is_file()
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    fmt = meta["network_data_format"]
+    assert list(fmt["inputs"]) == ["image"] and list(fmt["outputs"]) == ["pred"]
+    assert fmt["outputs"]["pred"]["channel_def"]["0"] == "background"
+    text = (root / "configs" / "inference.json").read_text()
+    assert "_meta_" not in text, "MONAI Label cannot resolve _meta_ in inference.json"
+    train = json.loads((root / "configs" / "train.json").read_text())
+    # MONAI Label reads these ids literally
+    assert "network" in train and "network_def" in train
+    assert isinstance(train["train"]["handlers"], list)
+    assert "run" in train and "training" in train
+    if not SCHEMA.is_file():
+        pytest.skip(f"schema {SCHEMA} absent")
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(SCHEMA))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_net_in_out_and_properties(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from monai.bundle import ConfigWorkflow, verify_net_in_out
+
+    configs = BUNDLES / name / "configs"
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(configs / "metadata.json"),
+        config_file=str(configs / "inference.json"),
+        device="cpu",
+    )
+    monkeypatch.chdir(tmp_path)  # another working directory: paths must still resolve to the bundle
+    train = ConfigWorkflow(config_file=str(configs / "train.json"), workflow_type="train", logging_file=False)
+    train.initialize()
+    assert train.check_properties() == []
+    assert Path(train.parser.get_parsed_content("bundle_root")) == (BUNDLES / name).resolve()
+    dataset_dir = Path(train.parser.get_parsed_content("dataset_dir")).resolve()
+    assert dataset_dir == (REPO / "sample_data" / DATASETS[name]).resolve()
+    infer = ConfigWorkflow(
+        config_file=str(configs / "inference.json"), workflow_type="infer", logging_file=False
+    )
+    infer.initialize()
+    assert infer.check_properties() == []
+    assert Path(infer.parser.get_parsed_content("bundle_root")) == (BUNDLES / name).resolve()
+
+
+def _check_model(bundle: Path) -> dict[str, torch.Tensor]:
+    sd = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert isinstance(sd, dict), "model.pt is not a state dict"
+    assert all(isinstance(v, torch.Tensor) for v in sd.values()), "model.pt is not a plain state dict"
+    return sd
+
+
+def _check_masks(name: str, out_dir: Path, items: list[dict]) -> None:
+    import nibabel as nib
+    from PIL import Image
+
+    masks = sorted(p for p in out_dir.iterdir() if p.is_file())
+    assert len(masks) == len(items), f"{[m.name for m in masks]} for {len(items)} inputs"
+    for item in items:
+        src = Path(item["image"])
+        stem = src.name.split(".")[0]
+        mask = next(m for m in masks if m.name.startswith(stem + "_seg"))
+        if name == "unet_nuclei_2d":
+            arr = np.asarray(Image.open(mask))
+            assert arr.shape == np.asarray(Image.open(src)).shape
+            assert set(np.unique(arr)) <= {0, 1}
+        elif name == "unet_brain_tumor_mri":
+            arr = np.asarray(nib.load(mask).dataobj).squeeze()
+            assert arr.shape == (512, 512)
+            assert set(np.unique(arr)) <= {0, 1}
+        else:
+            img, seg = nib.load(src), nib.load(mask)
+            assert seg.shape[:3] == img.shape[:3]
+            np.testing.assert_allclose(seg.affine, img.affine, atol=1e-4)
+            assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_evaluate_infer_export(name: str, tmp_path: Path, sample_root: Path) -> None:
+    from medseg.data.datalist import load_datalist
+
+    bundle = _copy_bundle(name, tmp_path)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    configs = bundle / "configs"
+    data = str(sample_root / DATASETS[name])
+    overrides = {**COMMON, **QUICK[name], "dataset_dir": data}
+    py = [sys.executable, "-m", "monai.bundle", "run"]
+
+    _run(py + ["training", "--config_file", str(configs / "train.json"), *_args(overrides)], cwd)
+    sd = _check_model(bundle)
+    assert (bundle / "eval" / "training_curves.png").stat().st_size > 1000
+    assert list((bundle / "eval").glob("events.out.tfevents.*")), "no TensorBoard log"
+
+    ev_files = f"['{configs / 'train.json'}','{configs / 'evaluate.json'}']"
+    _run(py + ["--config_file", ev_files, *_args(overrides)], cwd)
+    with open(bundle / "eval" / "val_mean_dice_raw.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and 0.0 <= float(rows[0]["mean"]) <= 1.0
+    if name == "unet_ct_3d":
+        assert (bundle / "eval" / "val_hd95_raw.csv").is_file()
+
+    test_items = load_datalist(data, "test")[:1]
+    out_dir = tmp_path / "pred"
+    infer_over = {k: v for k, v in QUICK[name].items() if k in ("tile_size", "image_size")}
+    infer_over.update({
+        "dataset_dir": data,
+        "output_dir": str(out_dir),
+        "datalist": "$medseg.data.datalist.load_datalist(@dataset_dir, 'test')[:1]",
+    })
+    _run(py + ["--config_file", str(configs / "inference.json"), *_args(infer_over)], cwd)
+    _check_masks(name, out_dir, test_items)
+
+    ts = bundle / "models" / "model.ts"
+    _run(
+        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
+         "--ckpt_file", str(bundle / "models" / "model.pt"), "--meta_file", str(configs / "metadata.json"),
+         "--config_file", str(configs / "inference.json")],
+        cwd,
+    )
+    scripted = torch.jit.load(str(ts), map_location="cpu")
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(configs / "inference.json"))
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(sd)
+    net.eval()
+    shape = {"unet_nuclei_2d": (1, 1, 100, 100), "unet_brain_tumor_mri": (1, 1, 64, 64),
+             "unet_ct_3d": (1, 1, 32, 32, 16)}[name]
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_multi_gpu_config_on_cpu_gloo(tmp_path: Path, sample_root: Path) -> None:
+    """torchrun with 2 processes on CPU: DDP + DistributedSampler over gloo, one best model saved."""
+    name = "unet_ct_3d"
+    bundle = _copy_bundle(name, tmp_path)
+    configs = bundle / "configs"
+    files = f"['{configs / 'train.json'}','{configs / 'multi_gpu_train.json'}']"
+    overrides = {**COMMON, **QUICK[name], "dataset_dir": str(sample_root / DATASETS[name])}
+    env_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+               "-m", "monai.bundle", "run", "training", "--config_file", files, *_args(overrides)]
+    _run(env_cmd, tmp_path)
+    _check_model(bundle)
+    assert (bundle / "eval" / "training_curves.png").is_file()
