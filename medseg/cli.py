@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0, as committed)")
     p.set_defaults(func=_cmd_sample_data)
+
+    from medseg.predict.command import add_predict_parser
+
+    add_predict_parser(sub)
     return parser
 
 
