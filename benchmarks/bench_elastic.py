@@ -3,7 +3,10 @@
 One process; every repeat round runs every method once on the same inputs (interleaved, so that load from
 other processes hits all methods alike); medians over rounds and the ratio "fastest other / medseg".
 
-    python benchmarks/bench_elastic.py [--repeats-2d 15] [--repeats-3d 5] [--threads N]
+    python benchmarks/bench_elastic.py [--repeats-2d 15] [--repeats-3d 5] [--threads N [N ...]]
+
+By default it runs with the environment's torch thread count and then with 1 thread (what PyTorch sets in
+DataLoader worker processes, where augmentation normally runs). elasticdeform is single-threaded C.
 
 Settings per library (paper: 3x3 control grid, 10 px std, bicubic image, nearest label, mirrored border):
 - medseg ``RandElasticGridd(sigma=10, num_points=3)``: image bilinear (and bicubic in 2D), label nearest,
@@ -129,14 +132,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats-2d", type=int, default=15)
     parser.add_argument("--repeats-3d", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as given)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch thread counts (default: the environment's, then 1 as in a DataLoader worker)",
+    )
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    given = torch.get_num_threads()
+    threads = args.threads or ([given, 1] if given > 1 else [1])
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, numpy {np.__version__}")
-    bench((572, 572), args.repeats_2d)
-    bench((128, 128, 128), args.repeats_3d)
+    print(f"torch {torch.__version__}, numpy {np.__version__}, environment threads {given}")
+    for n in threads:
+        torch.set_num_threads(n)
+        print(f"\n=== torch.set_num_threads({n}) ===")
+        bench((572, 572), args.repeats_2d)
+        bench((128, 128, 128), args.repeats_3d)
 
 
 if __name__ == "__main__":
