@@ -82,24 +82,25 @@ def main() -> None:
         make_series(folder, args.slices, args.size)
         print(f"generated {args.slices} x {args.size}x{args.size} slices in {time.perf_counter() - t0:.1f} s")
 
-        def sitk_load() -> np.ndarray:
+        def sitk_load() -> tuple[sitk.Image, np.ndarray]:  # (z, y, x) view; the image keeps it alive
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
-            return sitk.GetArrayViewFromImage(reader.Execute())
+            image = reader.Execute()
+            return image, sitk.GetArrayViewFromImage(image)
 
         def sitk_load_monai_layout() -> np.ndarray:  # what MONAI's ITKReader + LoadImage hand on
-            return np.ascontiguousarray(sitk_load().transpose(2, 1, 0))
+            return np.ascontiguousarray(sitk_load()[1].transpose(2, 1, 0))
 
+        load_default = LoadImage(image_only=True)  # built once: we time loading, not construction
+        load_pydicom = LoadImage(reader="PydicomReader", image_only=True)
         loaders: dict[str, Callable[[], object]] = {
-            "medseg LoadImage() [DicomReader]": lambda: LoadImage(image_only=True)(str(folder)),
+            "medseg LoadImage() [DicomReader]": lambda: load_default(str(folder)),
             "medseg DicomReader (reader only)": lambda: DicomReader().get_data(
                 DicomReader().read(str(folder))
             )[0],
             "SimpleITK ImageSeriesReader": sitk_load,
             "SimpleITK + (x,y,z) C-contiguous": sitk_load_monai_layout,
-            "MONAI LoadImage(PydicomReader)": lambda: LoadImage(reader="PydicomReader", image_only=True)(
-                str(folder)
-            ),
+            "MONAI LoadImage(PydicomReader)": lambda: load_pydicom(str(folder)),
         }
         try:
             import itk  # noqa: F401
@@ -117,7 +118,7 @@ def main() -> None:
             print(f"{name:36s} median {results[name] * 1000:8.1f} ms")
 
         ours = np.asarray(outputs["medseg LoadImage() [DicomReader]"])
-        ref = np.asarray(outputs["SimpleITK ImageSeriesReader"]).transpose(2, 1, 0)  # (z,y,x) -> (x,y,z)
+        ref = outputs["SimpleITK ImageSeriesReader"][1].transpose(2, 1, 0)  # type: ignore[index]  # (z,y,x) -> (x,y,z)
         print(f"same voxels as SimpleITK: {bool(np.array_equal(ours, ref))}")
         base = results["medseg LoadImage() [DicomReader]"]
         for name, t in results.items():
