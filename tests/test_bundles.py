@@ -58,6 +58,11 @@ def _args(overrides: dict[str, str]) -> list[str]:
     return out
 
 
+def _typed(overrides: dict[str, str]) -> dict[str, object]:
+    """CLI-style string overrides as Python values (what ``fire`` makes of them on the command line)."""
+    return {k: json.loads(v) if v[0] in "[0123456789" else v for k, v in overrides.items()}
+
+
 def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -111,7 +116,9 @@ def test_bundle_layout_and_metadata(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_net_in_out_and_properties(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_net_in_out_and_properties(
+    name: str, tmp_path: Path, sample_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from monai.bundle import ConfigWorkflow, verify_net_in_out
 
     configs = BUNDLES / name / "configs"
@@ -122,18 +129,27 @@ def test_net_in_out_and_properties(name: str, tmp_path: Path, monkeypatch: pytes
         device="cpu",
     )
     monkeypatch.chdir(tmp_path)  # another working directory: paths must still resolve to the bundle
-    train = ConfigWorkflow(config_file=str(configs / "train.json"), workflow_type="train", logging_file=False)
+    for config in ("train.json", "inference.json"):
+        wf = ConfigWorkflow(config_file=str(configs / config), workflow_type=None, logging_file=False)
+        assert Path(wf.parser.get_parsed_content("bundle_root")) == (BUNDLES / name).resolve()
+        dataset_dir = Path(wf.parser.get_parsed_content("dataset_dir")).resolve()
+        assert dataset_dir == (REPO / "sample_data" / DATASETS[name]).resolve()
+
+    # check_properties instantiates every property (datasets included): use a copy and tiny lists
+    bundle = _copy_bundle(name, tmp_path)
+    data = {"dataset_dir": str(sample_root / DATASETS[name])}
+    train = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "train.json"), workflow_type="train", logging_file=False,
+        **_typed({**COMMON, **data}),
+    )
     train.initialize()
     assert train.check_properties() == []
-    assert Path(train.parser.get_parsed_content("bundle_root")) == (BUNDLES / name).resolve()
-    dataset_dir = Path(train.parser.get_parsed_content("dataset_dir")).resolve()
-    assert dataset_dir == (REPO / "sample_data" / DATASETS[name]).resolve()
     infer = ConfigWorkflow(
-        config_file=str(configs / "inference.json"), workflow_type="infer", logging_file=False
+        config_file=str(bundle / "configs" / "inference.json"), workflow_type="infer", logging_file=False,
+        datalist="$medseg.data.datalist.load_datalist(@dataset_dir, 'test')[:1]", **data,
     )
     infer.initialize()
     assert infer.check_properties() == []
-    assert Path(infer.parser.get_parsed_content("bundle_root")) == (BUNDLES / name).resolve()
 
 
 def _check_model(bundle: Path) -> dict[str, torch.Tensor]:
@@ -169,7 +185,9 @@ def _check_masks(name: str, out_dir: Path, items: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_train_evaluate_infer_export(name: str, tmp_path: Path, sample_root: Path) -> None:
+def test_train_evaluate_infer_export(
+    name: str, tmp_path: Path, sample_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from medseg.data.datalist import load_datalist
 
     bundle = _copy_bundle(name, tmp_path)
@@ -179,14 +197,17 @@ def test_train_evaluate_infer_export(name: str, tmp_path: Path, sample_root: Pat
     data = str(sample_root / DATASETS[name])
     overrides = {**COMMON, **QUICK[name], "dataset_dir": data}
     py = [sys.executable, "-m", "monai.bundle", "run"]
+    monkeypatch.chdir(cwd)
 
     _run(py + ["training", "--config_file", str(configs / "train.json"), *_args(overrides)], cwd)
     sd = _check_model(bundle)
     assert (bundle / "eval" / "training_curves.png").stat().st_size > 1000
     assert list((bundle / "eval").glob("events.out.tfevents.*")), "no TensorBoard log"
 
-    ev_files = f"['{configs / 'train.json'}','{configs / 'evaluate.json'}']"
-    _run(py + ["--config_file", ev_files, *_args(overrides)], cwd)
+    # evaluation, inference and export run in-process (same code path as the CLI, without the start-up cost)
+    from monai.bundle import ckpt_export, run
+
+    run(config_file=[str(configs / "train.json"), str(configs / "evaluate.json")], **_typed(overrides))
     with open(bundle / "eval" / "val_mean_dice_raw.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and 0.0 <= float(rows[0]["mean"]) <= 1.0
@@ -201,15 +222,16 @@ def test_train_evaluate_infer_export(name: str, tmp_path: Path, sample_root: Pat
         "output_dir": str(out_dir),
         "datalist": "$medseg.data.datalist.load_datalist(@dataset_dir, 'test')[:1]",
     })
-    _run(py + ["--config_file", str(configs / "inference.json"), *_args(infer_over)], cwd)
+    run(config_file=str(configs / "inference.json"), **_typed(infer_over))
     _check_masks(name, out_dir, test_items)
 
     ts = bundle / "models" / "model.ts"
-    _run(
-        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
-         "--ckpt_file", str(bundle / "models" / "model.pt"), "--meta_file", str(configs / "metadata.json"),
-         "--config_file", str(configs / "inference.json")],
-        cwd,
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(ts),
+        ckpt_file=str(bundle / "models" / "model.pt"),
+        meta_file=str(configs / "metadata.json"),
+        config_file=str(configs / "inference.json"),
     )
     scripted = torch.jit.load(str(ts), map_location="cpu")
     from monai.bundle import ConfigParser
