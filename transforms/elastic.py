@@ -148,7 +148,8 @@ def elastic_grid(
         if periodic:
             grid.remainder_(4.0).sub_(2.0).abs_().sub_(1.0)
         else:
-            grid.abs_().sub_(2.0).abs_().neg_().add_(1.0)
+            # 1 - x as one pass: x + 2 * (0.5 - x)
+            grid.abs_().sub_(2.0).abs_().lerp_(torch.tensor(0.5, dtype=dtype, device=device), 2.0)
     elif padding_mode == "border":
         grid.clamp_(-1.0, 1.0)
     return grid
