@@ -4,8 +4,10 @@ Random displacement vectors on a coarse control grid (3 points per axis in the p
 Gaussian with a standard deviation given in pixels (10 px in the paper), are interpolated to a dense
 displacement field by a separable cubic spline and the image is resampled along it. The dense field is
 built with a few tiny matrix products per axis (one interpolation matrix per axis, cached), so its cost
-is one pass over the output grid; the resampling is one ``torch.nn.functional.grid_sample`` call per
-interpolation mode. Everything runs with torch ops on the data's device (CPU or CUDA).
+is one GEMM pass over the output grid; it is computed once per call and shared by all keys, each key being
+resampled by one ``torch.nn.functional.grid_sample`` call. In 3D the reflection/border padding is folded
+into the grid once (torch's 3D sampler would redo it per key and voxel in scalar code). Everything runs with
+torch ops on the data's device (CPU or CUDA).
 """
 
 from __future__ import annotations
