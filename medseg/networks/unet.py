@@ -93,7 +93,6 @@ def _invalid_size_message(size: List[int], depth: int, same: bool) -> str:  # no
     if abs_[1] > 0:
         rule = rule + " + " + str(abs_[1])
     rule = rule + " with k >= " + str(abs_[2]) + ", i.e. >= " + str(abs_[0] * abs_[2] + abs_[1])
-    # no str(list): torch.compile(fullgraph=True) cannot trace it
     msg = "input spatial size [" + ", ".join([str(n) for n in size]) + "] is not valid for a U-Net"
     msg = msg + " with depth=" + str(depth) + " and padding='" + padding + "'"
     msg = msg + " (valid sizes per axis are " + rule + ")."
