@@ -44,7 +44,8 @@ def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="loader threads (0: no pipelining; default 2)")
     p.add_argument("--shard", default=None, help="i/n: process every n-th case from i (0-based); "
                    "default RANK/WORLD_SIZE under torchrun")  # fmt: skip
-    p.add_argument("--config-file", default=None, help="inference config (default configs/inference.json)")
+    p.add_argument("--config-file", nargs="+", default=None,
+                   help="inference config file(s), merged in order (default configs/inference.json)")  # fmt: skip
     p.add_argument("--ckpt", default=None, help="checkpoint (default <bundle>/models/model.pt)")
     p.add_argument("--min-tile-fraction", type=float, default=0.25,
                    help="fail images below this fraction of the inference tile (default 0.25)")  # fmt: skip
