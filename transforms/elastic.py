@@ -251,7 +251,8 @@ class RandElasticGrid(RandomizableTransform):
             uses 150); overrides ``num_points`` when given.
         prob: probability of applying the transform.
         mode: ``"bilinear"``, ``"bicubic"`` (2D only) or ``"nearest"`` (labels: keeps the values).
-        padding_mode: ``"reflection"`` (mirroring, default), ``"border"`` or ``"zeros"``.
+        padding_mode: ``"reflection"`` (mirroring, default), ``"border"`` or ``"zeros"`` (the latter brings
+            the value 0 into a label that may not contain it).
         dtype: computation dtype of the grid (``torch.float64`` inputs are always warped in float64).
 
     The output is a torch tensor (a ``MetaTensor`` with the input's metadata when meta tracking is on);
