@@ -205,7 +205,7 @@ def test_train_evaluate_infer_export(
     assert list((bundle / "eval").glob("events.out.tfevents.*")), "no TensorBoard log"
 
     # evaluation, inference and export run in-process (same code path as the CLI, without the start-up cost)
-    from monai.bundle import ckpt_export, run
+    from monai.bundle import run
 
     run(config_file=[str(configs / "train.json"), str(configs / "evaluate.json")], **_typed(overrides))
     with open(bundle / "eval" / "val_mean_dice_raw.csv", newline="") as f:
@@ -226,12 +226,12 @@ def test_train_evaluate_infer_export(
     _check_masks(name, out_dir, test_items)
 
     ts = bundle / "models" / "model.ts"
-    ckpt_export(
-        net_id="network_def",
-        filepath=str(ts),
-        ckpt_file=str(bundle / "models" / "model.pt"),
-        meta_file=str(configs / "metadata.json"),
-        config_file=str(configs / "inference.json"),
+    # the CLI in a fresh process: scripting in this process after the runs above gave a None forward
+    _run(
+        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
+         "--ckpt_file", str(bundle / "models" / "model.pt"), "--meta_file", str(configs / "metadata.json"),
+         "--config_file", str(configs / "inference.json")],
+        cwd,
     )
     scripted = torch.jit.load(str(ts), map_location="cpu")
     from monai.bundle import ConfigParser
