@@ -446,7 +446,7 @@ def test_torch_compile_full_graph() -> None:
     model = UNet(features=4, depth=2, padding="same", norm="batch").eval()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
-        for size in ((16, 24), (32, 24), (20, 28)):
+        for size in ((16, 24), (32, 28)):
             x = torch.randn(1, 1, *size)
             torch.testing.assert_close(compiled(x), model(x))
     torch._dynamo.reset()

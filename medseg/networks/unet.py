@@ -279,6 +279,13 @@ class UNet(nn.Module):
     N(0, 2/N), N = fan-in (Sec. 3); biases start at 0.
 
     The defaults give the paper's network: 23 conv layers, 31,030,658 parameters, 572x572 -> 388x388.
+    In a bundle config: ``{"_target_": "medseg.networks.UNet", "spatial_dims": 2, "out_channels": 2}``.
+
+    Example::
+
+        >>> net = UNet()
+        >>> net.border, net.output_size((572, 572)), net.valid_input_size((500, 512))
+        (92, (388, 388), (508, 508))
 
     Args:
         spatial_dims: 2 or 3.
