@@ -42,16 +42,30 @@ def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--formats", default="nifti", help="comma list of nifti, dicom-seg (default nifti)")
     p.add_argument("--overlays", action="store_true", help="also write <id>_overlay.png QC images")
     p.add_argument("--workers", type=int, default=2, help="loader threads (0: no pipelining; default 2)")
-    p.add_argument("--shard", default=None, help="i/n: process every n-th case from i (0-based); "
-                   "default RANK/WORLD_SIZE under torchrun")  # fmt: skip
-    p.add_argument("--config-file", nargs="+", default=None,
-                   help="inference config file(s), merged in order (default configs/inference.json)")  # fmt: skip
+    p.add_argument(
+        "--shard",
+        default=None,
+        help="i/n: process every n-th case from i (0-based); default RANK/WORLD_SIZE under torchrun",
+    )
+    p.add_argument(
+        "--config-file",
+        nargs="+",
+        default=None,
+        help="inference config file(s), merged in order (default configs/inference.json)",
+    )
     p.add_argument("--ckpt", default=None, help="checkpoint (default <bundle>/models/model.pt)")
-    p.add_argument("--min-tile-fraction", type=float, default=0.25,
-                   help="fail images below this fraction of the inference tile (default 0.25)")  # fmt: skip
+    p.add_argument(
+        "--min-tile-fraction",
+        type=float,
+        default=0.25,
+        help="fail images below this fraction of the inference tile (default 0.25)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--merge-reports", action="store_true",
-                   help="only merge OUTPUT/report.shard-*-of-*.json into report.json/.csv")  # fmt: skip
+    p.add_argument(
+        "--merge-reports",
+        action="store_true",
+        help="only merge OUTPUT/report.shard-*-of-*.json into report.json/.csv",
+    )
     p.set_defaults(func=run_predict)
     return p
 
@@ -120,17 +134,28 @@ def run_predict(args: argparse.Namespace) -> int:
             print(f"medseg predict: {args.input}: no cases found", file=sys.stderr)
             return EXIT_SETUP
         predictor = BatchPredictor.from_bundle(
-            args.bundle, out, config_file=args.config_file, checkpoint=args.ckpt, device=args.device,
-            formats=formats, overlays=args.overlays, workers=args.workers, shard=shard,
-            min_tile_fraction=args.min_tile_fraction, progress=not args.no_progress,
-        )  # fmt: skip
+            args.bundle,
+            out,
+            config_file=args.config_file,
+            checkpoint=args.ckpt,
+            device=args.device,
+            formats=formats,
+            overlays=args.overlays,
+            workers=args.workers,
+            shard=shard,
+            min_tile_fraction=args.min_tile_fraction,
+            progress=not args.no_progress,
+        )
     except (SetupError, OSError) as e:
         print(f"medseg predict: {e}", file=sys.stderr)
         return EXIT_SETUP
     rows = predictor.run(args.input)
     counts = {s: sum(r.status == s for r in rows) for s in ("ok", "skipped", "failed")}
-    print(f"medseg predict: {len(rows)} case(s): " + ", ".join(f"{n} {s}" for s, n in counts.items())
-          + f"; report in {out}")  # fmt: skip
+    print(
+        f"medseg predict: {len(rows)} case(s): "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+        + f"; report in {out}"
+    )
     for r in rows:
         if r.status == "failed":
             print(f"  FAILED {r.id}: {r.error}", file=sys.stderr)
