@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data.meta_obj import get_track_meta
+from monai.data.meta_tensor import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor, ensure_tuple_rep
 from scipy.interpolate import CubicSpline
@@ -230,6 +231,19 @@ def _warp(img: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -
     return out
 
 
+def _as_raw(img: NdarrayOrTensor) -> torch.Tensor:
+    """Plain tensor of the input, without copying (an intermediate MetaTensor costs about as much as a 2D
+    warp)."""
+    return img.as_tensor() if isinstance(img, MetaTensor) else convert_to_tensor(img, track_meta=False)
+
+
+def _wrap(out: torch.Tensor, src: NdarrayOrTensor) -> torch.Tensor:
+    """MONAI's output convention: the input's metadata on a MetaTensor input, a MetaTensor when tracking."""
+    if isinstance(src, MetaTensor):
+        return convert_to_dst_type(out, dst=src, dtype=out.dtype)[0]
+    return MetaTensor(out) if get_track_meta() else out
+
+
 def _compute_dtype(img: torch.Tensor, default: torch.dtype) -> torch.dtype:
     return torch.float64 if img.dtype == torch.float64 else default
 
@@ -334,7 +348,7 @@ class RandElasticGrid(RandomizableTransform):
         randomize: bool = True,
     ) -> torch.Tensor:
         """Warp ``img`` (channel-first ``(C, H, W)`` or ``(C, D, H, W)``)."""
-        img_t = convert_to_tensor(img, track_meta=get_track_meta())
+        img_t = _as_raw(img)
         spatial = tuple(img_t.shape[1:])
         if len(spatial) not in (2, 3):
             raise ValueError(f"expected a channel-first 2D or 3D image, got shape {tuple(img_t.shape)}.")
@@ -345,10 +359,8 @@ class RandElasticGrid(RandomizableTransform):
         fold = pad_ if _folds(len(spatial), pad_) else None
         grid = self.grid(spatial, img_t.device, _compute_dtype(img_t, self.dtype), fold, _slot=0)
         if grid is None:
-            return img_t
-        raw = img_t.as_tensor() if hasattr(img_t, "as_tensor") else img_t
-        out = _warp(raw, grid, mode_, pad_)
-        return convert_to_dst_type(out, dst=img_t, dtype=out.dtype)[0]
+            return convert_to_tensor(img, track_meta=get_track_meta())
+        return _wrap(_warp(img_t, grid, mode_, pad_), img)
 
 
 class RandElasticGridd(RandomizableTransform, MapTransform):
@@ -397,9 +409,7 @@ class RandElasticGridd(RandomizableTransform, MapTransform):
         if first_key == ():
             return d
         self.randomize(None)
-        tensors = {
-            key: convert_to_tensor(d[key], track_meta=get_track_meta()) for key in self.key_iterator(d)
-        }
+        tensors = {key: _as_raw(d[key]) for key in self.key_iterator(d)}
         spatial = tuple(tensors[first_key].shape[1:])
         for key, img in tensors.items():
             if len(img.shape) - 1 not in (2, 3):
@@ -410,8 +420,9 @@ class RandElasticGridd(RandomizableTransform, MapTransform):
                 raise ValueError(
                     f"key {key!r}: spatial shape {tuple(img.shape[1:])} != {spatial} of key {first_key!r}."
                 )
-        d.update(tensors)
         if not self._do_transform:
+            for key in tensors:
+                d[key] = convert_to_tensor(d[key], track_meta=get_track_meta())
             return d
         self.elastic.randomize(spatial)
         grids: dict[tuple, torch.Tensor | None] = {}  # one field for all keys; one folded grid per padding
@@ -426,10 +437,9 @@ class RandElasticGridd(RandomizableTransform, MapTransform):
                 grids[gkey] = self.elastic.grid(spatial, img.device, gkey[0], gkey[2], _slot=len(grids))
             grid = grids[gkey]
             if grid is None:
+                d[key] = convert_to_tensor(d[key], track_meta=get_track_meta())
                 continue
-            raw = img.as_tensor() if hasattr(img, "as_tensor") else img
-            out = _warp(raw, grid, _check_mode(mode, len(spatial)), pad)
-            d[key] = convert_to_dst_type(out, dst=img, dtype=out.dtype)[0]
+            d[key] = _wrap(_warp(img, grid, _check_mode(mode, len(spatial)), pad), d[key])
         return d
 
 
