@@ -1,0 +1,346 @@
+"""MONAI Label integration: the bundles served, inferred and trained by a real ``monailabel start_server``.
+
+Run on its own with ``python -m pytest -m monailabel``. The MONAI Label environment is built once and
+cached outside the clone (``tests/monailabel_env.py``); the test is skipped only when that build
+cannot reach the package registry. The fast unit tests of the preparation step come first and need
+no server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medseg.monailabel import BundleError, check_bundle, prepare_app, start_server_command
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLES = ROOT / "bundles"
+SAMPLES = ROOT / "sample_data"
+SERVED = {"unet_ct_3d": "ct_3d", "unet_nuclei_2d": "nuclei_2d"}  # bundle -> its sample dataset
+HOST = "127.0.0.1"
+
+
+# --------------------------------------------------------------------------- preparation step, no server
+def _bundle_with_weights(tmp_path: Path, name: str = "unet_nuclei_2d") -> Path:
+    """A copy of a real bundle with weights that match its network (fresh initialisation)."""
+    from monai.bundle import ConfigParser
+
+    bundle = tmp_path / name
+    shutil.copytree(BUNDLES / name, bundle, ignore=shutil.ignore_patterns("models", "eval", "runs"))
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "inference.json")
+    parser.config["bundle_root"] = str(bundle)
+    (bundle / "models").mkdir()
+    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
+    return bundle
+
+
+def _fake_app(tmp_path: Path) -> Path:
+    app = tmp_path / "apps" / "monaibundle"
+    app.mkdir(parents=True)
+    (app / "main.py").write_text("# placeholder for MONAI Label's app\n")
+    return app
+
+
+def test_check_bundle_reports_what_monailabel_reads(tmp_path: Path) -> None:
+    summary = check_bundle(_bundle_with_weights(tmp_path))
+    meta = json.loads((BUNDLES / "unet_nuclei_2d" / "configs" / "metadata.json").read_text())
+    channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert summary.dimension == len(meta["network_data_format"]["inputs"]["image"]["spatial_shape"]) == 2
+    assert summary.labels == {v.lower(): int(k) for k, v in channel_def.items() if v.lower() != "background"}
+    assert summary.trainable and summary.version == meta["version"]
+
+
+def test_missing_weights_is_a_clear_error_and_app_untouched(tmp_path: Path) -> None:
+    good = _bundle_with_weights(tmp_path / "a")
+    bad = _bundle_with_weights(tmp_path / "b", "unet_ct_3d")
+    (bad / "models" / "model.pt").unlink()
+    app = _fake_app(tmp_path)
+    with pytest.raises(BundleError, match=r"unet_ct_3d.*models/model\.pt is missing"):
+        prepare_app(app, [good, bad])
+    assert not (app / "model").exists()  # nothing written: the good bundle was not half-installed
+
+
+def test_mismatched_weights_meta_refs_and_handlers_are_errors(tmp_path: Path) -> None:
+    bundle = _bundle_with_weights(tmp_path)
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    state.pop(next(iter(state)))
+    torch.save({"model": state}, bundle / "models" / "model.pt")
+    with pytest.raises(BundleError, match="does not match network_def"):
+        check_bundle(bundle)
+    check_bundle(bundle, check_weights=False)  # the structure alone is fine
+
+    bundle = _bundle_with_weights(tmp_path / "c")
+    infer = bundle / "configs" / "inference.json"
+    config = json.loads(infer.read_text())
+    config["network_def"]["out_channels"] = "@_meta_#network_data_format#outputs#pred#num_channels"
+    infer.write_text(json.dumps(config, indent=1))
+    with pytest.raises(BundleError, match=r"inference\.json line \d+ refers to '_meta_'"):
+        check_bundle(bundle, check_weights=False)
+
+    bundle = _bundle_with_weights(tmp_path / "d")
+    train = bundle / "configs" / "train.json"
+    config = json.loads(train.read_text())
+    config["train"]["handlers"] = "$[]"
+    train.write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="must be a literal list"):
+        check_bundle(bundle)
+    train.write_text((BUNDLES / "unet_nuclei_2d" / "configs" / "train.json").read_text())
+    (bundle / "configs" / "multi_gpu_train.json").unlink()
+    with pytest.raises(BundleError, match="multi_gpu_train.json"):
+        check_bundle(bundle)
+    assert "multi_gpu_train.json" in check_bundle(bundle, require_train=False).warnings[0]
+
+
+def test_prepare_app_copies_bundle_without_outputs(tmp_path: Path) -> None:
+    bundle = _bundle_with_weights(tmp_path / "src")
+    (bundle / "eval").mkdir()
+    (bundle / "eval" / "junk.csv").write_text("x")
+    app = _fake_app(tmp_path)
+    prepare_app(app, [bundle])
+    installed = app / "model" / "unet_nuclei_2d"
+    assert (installed / "models" / "model.pt").read_bytes() == (bundle / "models" / "model.pt").read_bytes()
+    assert not (installed / "eval").exists() and not installed.is_symlink()
+    prepare_app(app, [bundle], link=True)  # replaces the copy
+    assert (app / "model" / "unet_nuclei_2d").resolve() == bundle.resolve()
+    assert [p.name for p in (app / "model").iterdir()] == ["unet_nuclei_2d"]
+
+
+def test_start_server_command_is_offline() -> None:
+    cmd = start_server_command("app", "studies", ["a", "b"], port=1234)
+    joined = " ".join(cmd)
+    assert "--conf models a,b" in joined and "--conf zoo_source github" in joined
+    assert "--conf sam2 false" in joined and cmd[-4:] == ["--host", HOST, "--port", "1234"]
+
+
+# --------------------------------------------------------------------------- the real server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _request(url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None,
+             timeout: float = 600) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _multipart(fields: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
+    boundary = "medsegboundary7c1f"
+    body = b""
+    for name, (filename, content, mime) in fields.items():
+        body += (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                 f"Content-Type: {mime}\r\n\r\n").encode() + content + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server and its children (it runs in its own process group)."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def monailabel_python() -> Path:
+    from monailabel_env import RegistryUnreachable, ensure_medseg, ensure_venv
+
+    try:
+        python = ensure_venv()
+    except RegistryUnreachable as exc:
+        pytest.skip(str(exc))
+    ensure_medseg(python)
+    return python
+
+
+@pytest.mark.monailabel
+def test_medseg_runs_in_monailabel_env(monailabel_python: Path) -> None:
+    """medseg imports and its readers/transforms run under MONAI Label's pins (pydicom 2.4, numpy 1.26)."""
+    code = (
+        "import json, numpy, pydicom, torch, medseg, medseg.transforms, medseg.data\n"
+        "from monai.transforms import LoadImage\n"
+        "from pydicom.data import get_testdata_file\n"
+        "ct = LoadImage(image_only=True)(get_testdata_file('CT_small.dcm'))\n"
+        "png = LoadImage(image_only=True)('" + str(SAMPLES / "nuclei_2d/images/nuclei_00.png") + "')\n"
+        "mat = LoadImage(image_only=True, reader=medseg.data.MatReader(field='cjdata/image'))('"
+        + str(SAMPLES / "brain_mri_mat/1.mat") + "')\n"
+        "print(json.dumps({'numpy': numpy.__version__, 'pydicom': pydicom.__version__,"
+        " 'torch': torch.__version__, 'ct': list(ct.shape), 'png': list(png.shape),"
+        " 'mat': list(mat.shape)}))\n"
+    )
+    done = subprocess.run([str(monailabel_python), "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["numpy"].startswith("1.26") and info["pydicom"].startswith("2.4"), info
+    assert info["png"] == [256, 256] and len(info["ct"]) == 2 and len(info["mat"]) == 2, info
+
+
+@pytest.fixture(scope="module")
+def server(monailabel_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    from monailabel_env import trained_weights
+
+    work = tmp_path_factory.mktemp("monailabel")
+    # bundles: the real configs, unmodified, plus weights from a one-epoch training run
+    sources = []
+    for name, dataset in SERVED.items():
+        weights = trained_weights(monailabel_python, BUNDLES / name, SAMPLES / dataset)
+        src = work / "bundles" / name
+        shutil.copytree(BUNDLES / name, src, ignore=shutil.ignore_patterns("models", "eval", "runs"))
+        (src / "models").mkdir()
+        shutil.copyfile(weights, src / "models" / "model.pt")
+        sources.append(src)
+    monailabel = monailabel_python.parent / "monailabel"
+    app = work / "apps" / "monaibundle"
+    summaries = prepare_app(app, sources, monailabel=monailabel)
+
+    # studies: CT volumes, two of them labelled (MONAI Label trains on labels/final), and nuclei PNGs
+    studies = work / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for case in ("case_000", "case_001", "case_003"):
+        shutil.copyfile(SAMPLES / "ct_3d" / "images" / f"{case}.nii.gz", studies / f"{case}.nii.gz")
+    for case in ("case_000", "case_001"):
+        label = SAMPLES / "ct_3d" / "labels" / f"{case}.nii.gz"
+        shutil.copyfile(label, studies / "labels" / "final" / label.name)
+    for case in ("nuclei_00", "nuclei_01"):
+        shutil.copyfile(SAMPLES / "nuclei_2d" / "images" / f"{case}.png", studies / f"{case}.png")
+
+    port = _free_port()
+    log = (work / "server.log").open("w")
+    env = {**os.environ, "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "true", "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)
+    cmd = start_server_command(app, studies, list(summaries), host=HOST, port=port, monailabel=monailabel)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True
+    )
+    url = f"http://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                log_tail = _tail(work / "server.log")
+                pytest.fail(f"monailabel start_server exited ({proc.returncode}):\n{log_tail}")
+            try:
+                status, body = _request(f"{url}/info/", timeout=10)
+                if status == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready within 300 s:\n{_tail(work / 'server.log')}")
+            time.sleep(2)
+        yield {"url": url, "info": json.loads(body), "summaries": summaries, "studies": studies,
+               "log": work / "server.log", "proc": proc}
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _tail(path: Path, n: int = 6000) -> str:
+    return path.read_text(errors="replace")[-n:]
+
+
+@pytest.mark.monailabel
+def test_info_lists_models(server: dict) -> None:
+    models = server["info"]["models"]
+    for name, summary in server["summaries"].items():
+        assert name in models, f"{name} missing from /info/: {list(models)}\n{_tail(server['log'])}"
+        assert models[name]["labels"] == summary.labels
+        assert models[name]["dimension"] == summary.dimension
+    assert models["unet_ct_3d"]["dimension"] == 3 and models["unet_nuclei_2d"]["dimension"] == 2
+    assert set(server["info"]["trainers"]) >= set(SERVED)
+
+
+@pytest.mark.monailabel
+def test_infer_3d_mask_on_source_grid(server: dict, tmp_path: Path) -> None:
+    status, body = _request(f"{server['url']}/infer/unet_ct_3d?image=case_003&output=image", method="POST")
+    assert status == 200, body[:2000]
+    out = tmp_path / "mask.nii.gz"
+    out.write_bytes(body)
+    mask, source = nib.load(out), nib.load(SAMPLES / "ct_3d" / "images" / "case_003.nii.gz")
+    assert mask.shape == source.shape
+    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-4)
+    values = np.unique(np.asarray(mask.dataobj))
+    assert set(values.tolist()) <= {0, 1}, values
+
+
+@pytest.mark.monailabel
+def test_infer_2d_mask_shape(server: dict, tmp_path: Path) -> None:
+    query = "image=nuclei_01&output=image"
+    status, body = _request(f"{server['url']}/infer/unet_nuclei_2d?{query}", method="POST")
+    assert status == 200, body[:2000]
+    out = tmp_path / "mask.png"
+    out.write_bytes(body)
+    mask = np.asarray(Image.open(out))
+    source = np.asarray(Image.open(SAMPLES / "nuclei_2d" / "images" / "nuclei_01.png"))
+    assert mask.shape == source.shape
+    assert set(np.unique(mask).tolist()) <= {0, 1}
+
+
+def _train(server: dict, model: str, timeout: float = 900) -> dict:
+    url = server["url"]
+    params = {"max_epochs": 1, "val_split": 0.5, "device": "cpu", "multi_gpu": False, "train_batch_size": 1}
+    status, body = _request(f"{url}/train/{model}", method="POST", data=json.dumps(params).encode(),
+                            headers={"Content-Type": "application/json"})
+    assert status == 200, body[:2000]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, body = _request(f"{url}/train/", timeout=30)
+        assert status == 200, body[:2000]
+        task = json.loads(body)
+        if task.get("status") not in ("RUNNING", "QUEUED", None):
+            return task
+        time.sleep(3)
+    pytest.fail(f"training {model} did not finish within {timeout} s:\n{_tail(server['log'])}")
+
+
+@pytest.mark.monailabel
+def test_train_one_epoch_each(server: dict) -> None:
+    url, studies = server["url"], server["studies"]
+    task = _train(server, "unet_ct_3d")
+    assert task["status"] == "DONE", f"{task}\n{_tail(server['log'])}"
+    assert "Training Finished" in _tail(server["log"], 200_000)
+    # a user now labels the nuclei images (Slicer's "Submit Label" = PUT /datastore/label) and trains
+    # the 2D model on them; the CT labels leave the datastore so the 2D model sees only 2D pairs
+    for case in ("case_000", "case_001"):
+        status, body = _request(f"{url}/datastore/label?id={case}&tag=final", method="DELETE")
+        assert status == 200, body[:2000]
+    for case in ("nuclei_00", "nuclei_01"):
+        label = (SAMPLES / "nuclei_2d" / "labels" / f"{case}.png").read_bytes()
+        body, ctype = _multipart({"label": (f"{case}.png", label, "image/png")})
+        status, answer = _request(f"{url}/datastore/label?image={case}&tag=final", method="PUT", data=body,
+                                  headers={"Content-Type": ctype})
+        assert status == 200, answer[:2000]
+    final = sorted(p.name for p in (studies / "labels" / "final").iterdir())
+    assert final == ["nuclei_00.png", "nuclei_01.png"]
+    task = _train(server, "unet_nuclei_2d")
+    assert task["status"] == "DONE", f"{task}\n{_tail(server['log'])}"
