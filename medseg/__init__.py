@@ -24,6 +24,10 @@ _LAZY: dict[str, str] = {
     "MatReader": "medseg.data",
     "ReadError": "medseg.data",
     "WeightedCrossEntropyLoss": "medseg.losses",
+    "write_nifti_mask": "medseg.data",
+    "write_dicom_seg": "medseg.data",
+    "load_datalist": "medseg.data",
+    "BatchPredictor": "medseg.predict",
     "generate_sample_data": "medseg.data.sample_data",
 }
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from medseg.data.writers import _atomic_target
+from medseg.data.writers import atomic_target
 
 __all__ = ["overlay_slices", "render_overlay", "save_overlay_png"]
 
@@ -83,6 +83,6 @@ def save_overlay_png(image: Any, mask: Any, path: str | os.PathLike[str], n_slic
 
     path = os.fspath(path)
     rgb = render_overlay(image, mask, n_slices)
-    with _atomic_target(path, ".png") as tmp:
+    with atomic_target(path, ".png") as tmp:
         Image.fromarray(rgb).save(tmp, format="PNG")
     return path

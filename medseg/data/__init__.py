@@ -19,24 +19,20 @@ _LAZY: dict[str, str] = {
     "DicomVolume": "medseg.data.dicom_reader",
     "MatReader": "medseg.data.mat_reader",
     "register_readers": "medseg.data.registration",
+    "load_datalist": "medseg.data.datalist",
+    **{
+        name: "medseg.data.writers"
+        for name in (
+            "DICOM_SERIES_UID_KEY",
+            "DICOM_SOURCE_FILES_KEY",
+            "DICOM_SOURCE_FRAMES_KEY",
+            "atomic_target",
+            "mask_to_source_grid",
+            "write_dicom_seg",
+            "write_nifti_mask",
+        )
+    },
 }
-_OPTIONAL: dict[str, str] = {}  # names of modules other helpers add: see _extend_optional()
-
-
-def _extend_optional() -> None:
-    """Expose the public names of the writer modules if they exist (they are written separately)."""
-    import importlib.util
-
-    for module in ("medseg.data.writers",):
-        try:
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is not None:
-            _OPTIONAL[module] = module
-
-
-_extend_optional()
 
 __all__ = ["ReadError", *_LAZY]
 
@@ -46,12 +42,6 @@ _install_readers()
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
-        for opt in _OPTIONAL:
-            mod = importlib.import_module(opt)
-            if name in getattr(mod, "__all__", ()):
-                value = getattr(mod, name)
-                globals()[name] = value
-                return value
         raise AttributeError(f"module 'medseg.data' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
@@ -59,10 +49,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    names = set(__all__)
-    for opt in _OPTIONAL:
-        try:
-            names.update(getattr(importlib.import_module(opt), "__all__", ()))
-        except ImportError:
-            pass
-    return sorted(names)
+    return sorted(__all__)

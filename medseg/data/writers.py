@@ -34,6 +34,7 @@ __all__ = [
     "DICOM_SERIES_UID_KEY",
     "DICOM_SOURCE_FILES_KEY",
     "DICOM_SOURCE_FRAMES_KEY",
+    "atomic_target",
     "mask_to_source_grid",
     "write_dicom_seg",
     "write_nifti_mask",
@@ -163,7 +164,7 @@ def mask_to_source_grid(mask: Any, reference: Reference = None) -> tuple[np.ndar
 
 
 @contextlib.contextmanager
-def _atomic_target(path: str | os.PathLike[str], suffix: str) -> Iterator[str]:
+def atomic_target(path: str | os.PathLike[str], suffix: str) -> Iterator[str]:
     """Yield a temporary path next to ``path``; ``os.replace`` it onto ``path`` on success."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -216,7 +217,7 @@ def write_nifti_mask(
     img = NibabelWriter.create_backend_obj(data, affine=affine, dtype=data.dtype)
     img.set_sform(img.affine, code=1)  # as MONAI's NibabelWriter: scanner-based sform and qform
     img.set_qform(img.affine, code=1)
-    with _atomic_target(path, suffix) as tmp:
+    with atomic_target(path, suffix) as tmp:
         nib.save(img, tmp)
     return path
 
@@ -414,6 +415,6 @@ def write_dicom_seg(
         )
     except (ValueError, AttributeError, KeyError) as e:
         raise ValueError(f"{path}: highdicom cannot build the SEG from these sources: {e}") from e
-    with _atomic_target(path, ".dcm") as tmp:
+    with atomic_target(path, ".dcm") as tmp:
         seg.save_as(tmp)
     return path

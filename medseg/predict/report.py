@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.data.writers import _atomic_target
+from medseg.data.writers import atomic_target
 
 __all__ = [
     "EXIT_CODES",
@@ -149,9 +149,9 @@ def write_report(
     }  # fmt: skip
     json_path, csv_path = report_paths(output_dir, shard)
     os.makedirs(output_dir, exist_ok=True)
-    with _atomic_target(json_path, ".json") as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_target(json_path, ".json") as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(doc, fh, indent=1)
-    with _atomic_target(csv_path, ".csv") as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+    with atomic_target(csv_path, ".csv") as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
         fh.write(_csv_text(rows))
     return json_path, csv_path
 

@@ -5,7 +5,7 @@ same model key (checkpoint hash + bundle config + output options) and every outp
 exists. The marker is written (atomically) only after all the case's outputs were renamed into
 place, so a run killed at any instant leaves either a finished case or one that the next run redoes.
 Writers use temporary names ``.<output name>.<random>.tmp<suffix>`` next to the target
-(:func:`medseg.data.writers._atomic_target`); :func:`clean_case` deletes those a killed run left.
+(:func:`medseg.data.writers.atomic_target`); :func:`clean_case` deletes those a killed run left.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from medseg.data.writers import _atomic_target
+from medseg.data.writers import atomic_target
 
 __all__ = ["STATE_DIR", "OUTPUT_SUFFIXES", "clean_case", "is_done", "mark_done", "output_paths", "unmark"]
 
@@ -74,7 +74,7 @@ def is_done(output_dir: str, case_id: str, fingerprint: str, model_key: str) -> 
 def mark_done(output_dir: str, case_id: str, fingerprint: str, model_key: str, row: dict[str, Any]) -> None:
     """Record the case as finished (atomic; call after every output is in place)."""
     path = _marker(output_dir, case_id)
-    with _atomic_target(path, ".json") as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_target(path, ".json") as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump({"fingerprint": fingerprint, "model_key": model_key, "row": row}, fh, indent=1)
 
 
