@@ -1,5 +1,5 @@
 # medseg quick start. Needs only Python >= 3.10 with pip (and make).
-#   make demo   set up .venv, then run the main job on the sample data
+#   make demo   set up .venv, train the nuclei bundle on the sample data, batch-predict with it
 #   make test   set up .venv (with test extras), then run the test suite (python -m pytest)
 # PyTorch is installed first on its own so that the CPU build is used where one is available;
 # override with e.g. `make demo TORCH="torch --index-url <your index>"`.
@@ -26,8 +26,14 @@ install-test: venv
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test]"
 
+# the main job: train the paper's bundle on the sample nuclei, then batch-predict the sample images
+DEMO_BUNDLE ?= bundles/unet_nuclei_2d
+DEMO_INPUT  ?= sample_data/nuclei_2d/images
+DEMO_TRAIN_ARGS ?=
 demo: install
-	$(PY) -m medseg demo --out out/demo
+	$(PY) -m monai.bundle run training --config_file $(DEMO_BUNDLE)/configs/train.json $(DEMO_TRAIN_ARGS)
+	$(PY) -m medseg predict --bundle $(DEMO_BUNDLE) --input $(DEMO_INPUT) --output out/demo --overlays
+	@echo "masks, overlays and report.csv are in out/demo; curves and model in $(DEMO_BUNDLE)"
 
 test: install-test
 	$(PY) -m ruff check .
