@@ -133,6 +133,7 @@ class _Slice:
     bits: int
     signed: bool
     bits_stored: int
+    pixel_offset: int | None = None  # file offset where the header scan stopped (the PixelData element)
 
 
 @dataclass
@@ -180,7 +181,7 @@ def _normal(iop: np.ndarray) -> np.ndarray:
     return np.cross(iop[:3], iop[3:])
 
 
-def _slices_from_header(path: str, ds: Any) -> list[_Slice]:
+def _slices_from_header(path: str, ds: Any, pixel_offset: int | None = None) -> list[_Slice]:
     """All 2D images (frames) described by one header."""
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
     n_frames = int(_float(ds.get("NumberOfFrames"), 1) or 1)
@@ -198,6 +199,7 @@ def _slices_from_header(path: str, ds: Any) -> list[_Slice]:
         bits=int(ds.get("BitsAllocated", 16) or 16),
         signed=int(ds.get("PixelRepresentation", 0) or 0) == 1,
         bits_stored=int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16),
+        pixel_offset=pixel_offset,
     )
     iop = _floats(ds.get("ImageOrientationPatient"))
     ipp = _floats(ds.get("ImagePositionPatient"))
@@ -257,7 +259,9 @@ def _scan_header(path: str) -> tuple[list[_Slice], str | None]:
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+        with open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+            pixel_offset = fh.tell()  # pydicom rewinds to the start of the (Float)PixelData element
     except InvalidDicomError:
         return [], "not a DICOM file"
     except Exception as e:  # truncated / corrupt header
@@ -265,7 +269,7 @@ def _scan_header(path: str) -> tuple[list[_Slice], str | None]:
     if "Rows" not in ds or "Columns" not in ds:
         return [], "DICOM object without an image (no Rows/Columns)"
     try:
-        return _slices_from_header(path, ds), None
+        return _slices_from_header(path, ds, pixel_offset), None
     except Exception as e:
         return [], f"unusable DICOM header ({type(e).__name__}: {e})"
 
@@ -689,10 +693,11 @@ def _syntax_name(uid: str) -> str:
 
 
 def _read_native(s: _Slice, out: np.ndarray | None = None) -> np.ndarray | None:
-    """Read native pixel data straight into an array when the file ends with the PixelData element.
+    """Read one frame of native (uncompressed) pixel data straight from the file into an array.
 
-    The element header right before the last ``rows*cols*frames*bytes`` bytes is checked (tag
-    (7FE0,0010) and exact length), so anything unusual falls back to pydicom. The frame is read into
+    The element header (tag (7FE0,0010) and exact length) is checked right before the last
+    ``rows*cols*frames*bytes`` bytes, then at the offset where the header scan stopped (files with
+    trailing padding), so anything unusual falls back to pydicom. The frame is read into
     ``out`` (and ``out`` returned) when ``out`` is a C-contiguous ``(rows, cols)`` array of the stored
     dtype, else into a new array.
     """
@@ -712,9 +717,14 @@ def _read_native(s: _Slice, out: np.ndarray | None = None) -> np.ndarray | None:
     try:
         size = os.path.getsize(s.path)
         with open(s.path, "rb") as fh:
-            # common case: PixelData is the last element -> read only its header and the frame
-            start = size - length
-            if start - len(sigs[0]) >= 0:
+            # common case: PixelData is the last element, or where the header scan stopped ->
+            # read only its header and the frame
+            starts = [size - length]
+            if s.pixel_offset is not None and s.pixel_offset + len(sigs[0]) != starts[0]:
+                starts.append(s.pixel_offset + len(sigs[0]))
+            for start in starts:
+                if start - len(sigs[0]) < 0 or start + length > size:
+                    continue
                 fh.seek(start - len(sigs[0]))
                 if fh.read(len(sigs[0])) in sigs:
                     fh.seek(start + s.frame * frame_bytes)
