@@ -184,35 +184,36 @@ def _normal(iop: np.ndarray) -> np.ndarray:
 def _slices_from_header(path: str, ds: Any, pixel_offset: int | None = None) -> list[_Slice]:
     """All 2D images (frames) described by one header."""
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
-    n_frames = int(_float(ds.get("NumberOfFrames"), 1) or 1)
-    tags = {k: str(ds.get(k)) if k.endswith("UID") else ds.get(k) for k in KEPT_TAGS if ds.get(k) is not None}
-    tags = {k: (int(v) if isinstance(v, int) else str(v)) for k, v in tags.items()}
+    v = {elem.keyword: elem.value for elem in ds}  # each element converted once (Dataset.get is slow)
+    n_frames = int(_float(v.get("NumberOfFrames"), 1) or 1)
+    tags = {k: str(v[k]) if k.endswith("UID") else v[k] for k in KEPT_TAGS if v.get(k) is not None}
+    tags = {k: (int(x) if isinstance(x, int) else str(x)) for k, x in tags.items()}
     common = dict(
         path=path,
         n_frames=n_frames,
-        series_uid=str(ds.get("SeriesInstanceUID", "")),
-        rows=int(ds.Rows),
-        cols=int(ds.Columns),
+        series_uid=str(v.get("SeriesInstanceUID", "")),
+        rows=int(v["Rows"]),
+        cols=int(v["Columns"]),
         tags=tags,
         syntax=syntax,
-        samples=int(ds.get("SamplesPerPixel", 1) or 1),
-        bits=int(ds.get("BitsAllocated", 16) or 16),
-        signed=int(ds.get("PixelRepresentation", 0) or 0) == 1,
-        bits_stored=int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16),
+        samples=int(v.get("SamplesPerPixel", 1) or 1),
+        bits=int(v.get("BitsAllocated", 16) or 16),
+        signed=int(v.get("PixelRepresentation", 0) or 0) == 1,
+        bits_stored=int(v.get("BitsStored", v.get("BitsAllocated", 16)) or 16),
         pixel_offset=pixel_offset,
     )
-    iop = _floats(ds.get("ImageOrientationPatient"))
-    ipp = _floats(ds.get("ImagePositionPatient"))
-    spacing = _floats(ds.get("PixelSpacing"))
+    iop = _floats(v.get("ImageOrientationPatient"))
+    ipp = _floats(v.get("ImagePositionPatient"))
+    spacing = _floats(v.get("PixelSpacing"))
     if spacing is None:
-        spacing = _floats(ds.get("ImagerPixelSpacing"))
+        spacing = _floats(v.get("ImagerPixelSpacing"))
     sp = (float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else (1.0, 1.0)
-    slope = _float(ds.get("RescaleSlope"), 1.0) or 1.0
-    intercept = _float(ds.get("RescaleIntercept"), 0.0) or 0.0
-    thick = _float(ds.get("SpacingBetweenSlices"), None) or _float(ds.get("SliceThickness"), None)
+    slope = _float(v.get("RescaleSlope"), 1.0) or 1.0
+    intercept = _float(v.get("RescaleIntercept"), 0.0) or 0.0
+    thick = _float(v.get("SpacingBetweenSlices"), None) or _float(v.get("SliceThickness"), None)
 
-    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
-    offsets = _floats(ds.get("GridFrameOffsetVector"))
+    enhanced = "PerFrameFunctionalGroupsSequence" in v or "SharedFunctionalGroupsSequence" in v
+    offsets = _floats(v.get("GridFrameOffsetVector"))
     out = []
     for k in range(n_frames):
         f_iop, f_ipp, f_sp, f_slope, f_int, f_thick = iop, ipp, sp, slope, intercept, thick
