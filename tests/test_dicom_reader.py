@@ -262,3 +262,65 @@ def test_sample_ct_dicom_equals_nifti_copy() -> None:
         assert tuple(dcm.shape) == tuple(nii.shape)
         np.testing.assert_allclose(dcm.numpy(), nii.numpy(), atol=1e-3)
         np.testing.assert_allclose(dcm.affine.numpy(), nii.affine.numpy(), atol=1e-3)
+
+
+def _write_series(
+    folder: Path, n: int, rows: int, cols: int, slopes: list, inters: list, unsigned: bool
+) -> None:
+    """A CT series from CT_small.dcm's header (it keeps its DataSetTrailingPadding after PixelData)."""
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    rng = np.random.default_rng(1)
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert (0xFFFC, 0xFFFC) in template  # padding after the pixels: the offset from the scan is needed
+    uid = generate_uid()
+    for k in rng.permutation(n):
+        ds = template.copy()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = uid
+        ds.Rows, ds.Columns = rows, cols
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, 2.0 * k]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PixelRepresentation = 0 if unsigned else 1
+        ds.RescaleSlope, ds.RescaleIntercept = slopes[k], inters[k]
+        dtype = np.uint16 if unsigned else np.int16
+        ds.PixelData = rng.integers(0, 3000, (rows, cols)).astype(dtype).tobytes()
+        ds.save_as(folder / f"S{k:03d}", enforce_file_format=True)
+
+
+@pytest.mark.parametrize(
+    ("slopes", "inters", "unsigned", "dtype"),
+    [
+        ([1] * 70, [-1024] * 70, False, "int16"),  # in-place rescale of the stored dtype
+        ([1] * 35 + [2] * 35, [0] * 70, True, "int16"),  # uint16 -> int16, per-slice slope
+        ([30] * 70, [5] * 70, True, "int32"),  # range beyond int16
+        ([0.5] * 70, [-3.25] * 70, False, "float32"),
+    ],
+)
+def test_native_fast_path_tiled_layout_and_rescale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slopes: list, inters: list, unsigned: bool, dtype: str
+) -> None:
+    # 70 x 67 x 130: not a multiple of the transpose tile along any axis
+    _write_series(tmp_path, 70, 67, 130, slopes, inters, unsigned)
+    import medseg.data.dicom_reader as dr
+
+    def no_pydicom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("native pixel data must not go through pydicom")
+
+    monkeypatch.setattr(dr, "_read_pydicom", no_pydicom)
+    monkeypatch.setattr(dr, "_read_sitk", no_pydicom)
+    arr, meta = load(tmp_path)
+    assert arr.shape == (130, 67, 70) and arr.flags.c_contiguous and str(arr.dtype) == dtype
+    for k, f in enumerate(meta["dicom_source_files"]):
+        ds = pydicom.dcmread(f)
+        assert float(ds.ImagePositionPatient[2]) == 2.0 * k
+        expected = ds.pixel_array.T.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        np.testing.assert_array_equal(arr[:, :, k], expected.astype(dtype))
+    # the frame is read from the offset the header scan found, straight into the caller's buffer
+    (first,), reason = dr._scan_header(meta["dicom_source_files"][0])
+    assert reason is None and first.pixel_offset is not None
+    buf = np.empty((67, 130), np.uint16 if unsigned else np.int16)
+    assert dr._read_native(first, buf) is buf
+    np.testing.assert_array_equal(buf, pydicom.dcmread(first.path).pixel_array)
