@@ -2,7 +2,10 @@
 
 medseg ``DicomReader`` (through ``LoadImage()``, auto-selected) vs SimpleITK ``ImageSeriesReader``
 vs MONAI ``LoadImage(reader="PydicomReader")`` (and ``ITKReader`` when ``itk`` is installed), all in
-the same process, medians over ``--repeats`` runs after one warm-up (the page cache is warm for all).
+the same process, medians of wall and CPU time (all threads) over ``--repeats`` runs after one
+warm-up (the page cache is warm for all). Ratios compare like with like: the same dtype and
+layout on both sides (SimpleITK's raw (z, y, x) view, then reordered to MONAI's C-contiguous
+(x, y, z) int16, then float32 as ``LoadImage()`` returns by default).
 The series is generated from pydicom's ``CT_small.dcm`` header into a temporary folder (deleted
 afterwards), files shuffled on disk names so that nobody gets file-name order for free.
 
@@ -53,14 +56,23 @@ def make_series(folder: Path, n: int, size: int, seed: int = 0) -> None:
         ds.save_as(folder / f"IM{names[k]:05d}", enforce_file_format=True)
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:
+    """Median wall time and median CPU time (``process_time``: all threads of this process)."""
     out = fn()  # warm-up (imports, page cache)
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        del out  # free the previous result first: every run allocates its output afresh
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus), out
+
+
+def describe(out: object) -> str:
+    arr = out[1] if isinstance(out, tuple) else out
+    layout = "C" if getattr(arr, "is_contiguous", lambda: np.asarray(arr).flags.c_contiguous)() else "view"
+    return f"{type(arr).__name__} {str(arr.dtype).replace('torch.', '')} {tuple(arr.shape)} {layout}"
 
 
 def main() -> None:
@@ -88,42 +100,62 @@ def main() -> None:
             image = reader.Execute()
             return image, sitk.GetArrayViewFromImage(image)
 
-        def sitk_load_monai_layout() -> np.ndarray:  # what MONAI's ITKReader + LoadImage hand on
-            return np.ascontiguousarray(sitk_load()[1].transpose(2, 1, 0))
+        def sitk_xyz(dtype: type | None = None) -> np.ndarray:  # what ITKReader + LoadImage hand on
+            xyz = sitk_load()[1].transpose(2, 1, 0)
+            return np.ascontiguousarray(xyz) if dtype is None else xyz.astype(dtype, order="C")
 
-        load_default = LoadImage(image_only=True)  # built once: we time loading, not construction
-        load_pydicom = LoadImage(reader="PydicomReader", image_only=True)
+        reader = DicomReader()
+        # transforms built once: we time loading, not construction. LoadImage converts to float32
+        # by default (dtype=np.float32) and always makes the array C-contiguous; dtype=None keeps
+        # the reader's dtype (int16 for both medseg and SimpleITK here).
+        medseg_f32, medseg_keep = LoadImage(image_only=True), LoadImage(image_only=True, dtype=None)
+        pyd_f32 = LoadImage(reader="PydicomReader", image_only=True)
+        pyd_keep = LoadImage(reader="PydicomReader", image_only=True, dtype=None)
         loaders: dict[str, Callable[[], object]] = {
-            "medseg LoadImage() [DicomReader]": lambda: load_default(str(folder)),
-            "medseg DicomReader (reader only)": lambda: DicomReader().get_data(
-                DicomReader().read(str(folder))
-            )[0],
-            "SimpleITK ImageSeriesReader": sitk_load,
-            "SimpleITK + (x,y,z) C-contiguous": sitk_load_monai_layout,
-            "MONAI LoadImage(PydicomReader)": lambda: load_pydicom(str(folder)),
+            "medseg DicomReader (reader only)": lambda: reader.get_data(reader.read(str(folder)))[0],
+            "medseg LoadImage(dtype=None)": lambda: medseg_keep(str(folder)),
+            "medseg LoadImage() [float32]": lambda: medseg_f32(str(folder)),
+            "SimpleITK ImageSeriesReader (z,y,x)": sitk_load,
+            "SimpleITK -> (x,y,z) C-contiguous": sitk_xyz,
+            "SimpleITK -> (x,y,z) float32": lambda: sitk_xyz(np.float32),
+            "MONAI LoadImage(PydicomReader,None)": lambda: pyd_keep(str(folder)),
+            "MONAI LoadImage(PydicomReader)": lambda: pyd_f32(str(folder)),
         }
         try:
             import itk  # noqa: F401
 
-            loaders["MONAI LoadImage(ITKReader)"] = lambda: LoadImage(reader="ITKReader", image_only=True)(
-                str(folder)
-            )
+            itk_f32 = LoadImage(reader="ITKReader", image_only=True)
+            loaders["MONAI LoadImage(ITKReader)"] = lambda: itk_f32(str(folder))
         except ImportError:
             print("itk is not installed: MONAI ITKReader skipped")
 
-        results: dict[str, float] = {}
+        walls: dict[str, float] = {}
+        cpus: dict[str, float] = {}
         outputs: dict[str, object] = {}
+        print(f"{'':37s} {'wall ms':>9s} {'CPU ms':>9s}  output")
         for name, fn in loaders.items():
-            results[name], outputs[name] = median_time(fn, args.repeats)
-            print(f"{name:36s} median {results[name] * 1000:8.1f} ms")
+            walls[name], cpus[name], outputs[name] = median_time(fn, args.repeats)
+            print(f"{name:37s} {walls[name] * 1000:9.1f} {cpus[name] * 1000:9.1f}  {describe(outputs[name])}")
 
-        ours = np.asarray(outputs["medseg LoadImage() [DicomReader]"])
-        ref = outputs["SimpleITK ImageSeriesReader"][1].transpose(2, 1, 0)  # type: ignore[index]  # (z,y,x) -> (x,y,z)
+        ours = np.asarray(outputs["medseg LoadImage(dtype=None)"])
+        ref = outputs["SimpleITK ImageSeriesReader (z,y,x)"][1].transpose(2, 1, 0)  # type: ignore[index]
         print(f"same voxels as SimpleITK: {bool(np.array_equal(ours, ref))}")
-        base = results["medseg LoadImage() [DicomReader]"]
-        for name, t in results.items():
-            if not name.startswith("medseg"):
-                print(f"ratio {name} / medseg LoadImage: {t / base:5.2f}x")
+        # like with like: same dtype and layout on both sides (a ratio > 1 means medseg is faster)
+        pairs = [
+            ("SimpleITK ImageSeriesReader (z,y,x)", "medseg DicomReader (reader only)"),
+            ("SimpleITK -> (x,y,z) C-contiguous", "medseg DicomReader (reader only)"),
+            ("SimpleITK -> (x,y,z) C-contiguous", "medseg LoadImage(dtype=None)"),
+            ("SimpleITK -> (x,y,z) float32", "medseg LoadImage() [float32]"),
+            ("MONAI LoadImage(PydicomReader,None)", "medseg LoadImage(dtype=None)"),
+            ("MONAI LoadImage(PydicomReader)", "medseg LoadImage() [float32]"),
+            ("MONAI LoadImage(ITKReader)", "medseg LoadImage() [float32]"),
+        ]
+        for peer, mine in pairs:
+            if peer in walls:
+                print(
+                    f"ratio {peer} / {mine}: wall {walls[peer] / walls[mine]:5.2f}x, "
+                    f"CPU {cpus[peer] / cpus[mine]:5.2f}x"
+                )
 
 
 if __name__ == "__main__":
