@@ -32,7 +32,9 @@ CONFIG_FILES = (
 # tiny, fast settings per bundle (1 epoch, 2 training cases, 1 validation case, small patches)
 QUICK: dict[str, dict[str, str]] = {
     "unet_nuclei_2d": {"patch_size": "[124,124]", "tile_size": "[156,156]", "batch_size": "2"},
-    "unet_brain_tumor_mri": {"image_size": "[64,64]", "batch_size": "2"},
+    "unet_brain_tumor_mri": {
+        "image_size": "[64,64]", "patch_size": "[32,32]", "samples_per_image": "1", "batch_size": "2",
+    },
     "unet_ct_3d": {"patch_size": "[32,32,16]", "tile_size": "[48,48,24]", "samples_per_volume": "1"},
 }
 COMMON = {
@@ -255,8 +257,12 @@ def test_multi_gpu_config_on_cpu_gloo(tmp_path: Path, sample_root: Path) -> None
     configs = bundle / "configs"
     files = f"['{configs / 'train.json'}','{configs / 'multi_gpu_train.json'}']"
     overrides = {**COMMON, **QUICK[name], "dataset_dir": str(sample_root / DATASETS[name])}
-    env_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    env_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "monai.bundle", "run", "training", "--config_file", files, *_args(overrides)]
     _run(env_cmd, tmp_path)
     _check_model(bundle)
     assert (bundle / "eval" / "training_curves.png").is_file()
+    # only rank 0 writes TensorBoard logs: one training and one validation writer, one process id
+    logs = sorted((bundle / "eval").glob("events.out.tfevents.*"))
+    assert len(logs) == 2, [p.name for p in logs]
+    assert len({p.name.split(".")[-2] for p in logs}) == 1, [p.name for p in logs]
