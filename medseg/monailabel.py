@@ -312,11 +312,23 @@ def check_bundle(
     )
 
 
+def _monailabel_cmd(monailabel: str | os.PathLike[str]) -> list[str]:
+    """How to run MONAI Label's CLI. Its ``monailabel`` script runs ``python -m monailabel.main`` with
+    whatever ``python`` is first on ``PATH``; given a path inside a venv, call that venv's python."""
+    path = Path(monailabel)
+    if path.name.startswith("python"):
+        return [os.fspath(path), "-m", "monailabel.main"]
+    sibling = path.parent / "python"
+    if path.parent != Path() and sibling.is_file():
+        return [os.fspath(sibling), "-m", "monailabel.main"]
+    return [os.fspath(monailabel)]
+
+
 def fetch_app(app_dir: str | os.PathLike[str], monailabel: str | os.PathLike[str] = "monailabel") -> Path:
     """Copy MONAI Label's ``monaibundle`` sample app to ``app_dir`` (offline: it ships in the wheel).
 
-    ``monailabel`` is the ``monailabel`` command of MONAI Label's environment. Nothing is written to
-    ``app_dir`` unless the copy succeeded.
+    ``monailabel`` is the ``monailabel`` command (or the python) of MONAI Label's environment. Nothing
+    is written to ``app_dir`` unless the copy succeeded.
     """
     app = Path(app_dir).resolve()
     if (app / "main.py").is_file():
@@ -325,7 +337,7 @@ def fetch_app(app_dir: str | os.PathLike[str], monailabel: str | os.PathLike[str
         raise FileExistsError(f"{app}: exists, is not empty and has no main.py; not a monaibundle app")
     app.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=app.parent, prefix=".monaibundle-") as tmp:
-        cmd = [os.fspath(monailabel), "apps", "--download", "--name", "monaibundle", "--output", tmp]
+        cmd = [*_monailabel_cmd(monailabel), "apps", "--download", "--name", "monaibundle", "--output", tmp]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         except FileNotFoundError as exc:
@@ -415,7 +427,7 @@ def start_server_command(
     is not in ``<app>/model``), ``sam2 false`` leaves out the SAM2 models (whose weights it downloads).
     """
     conf = {"models": ",".join(models), "zoo_source": "github", "sam2": "false", **(extra_conf or {})}
-    cmd = [os.fspath(monailabel), "start_server", "--app", os.fspath(app_dir)]
+    cmd = [*_monailabel_cmd(monailabel), "start_server", "--app", os.fspath(app_dir)]
     cmd += ["--studies", os.fspath(studies)]
     for key, value in conf.items():
         cmd += ["--conf", key, value]

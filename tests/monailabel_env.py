@@ -97,6 +97,18 @@ def ensure_venv(timeout: float = 2400) -> Path:
     return venv_python()
 
 
+_NOT_IN_MEDSEG_BUILD = {
+    ".git", ".venv", "build", "bundles", "sample_data", "benchmarks", "tests", "out", "docs",
+}
+
+
+def _ignore_for_medseg_build(folder: str, names: list[str]) -> set[str]:
+    skip = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+    if Path(folder) == ROOT:
+        skip |= _NOT_IN_MEDSEG_BUILD & set(names)
+    return skip
+
+
 def ensure_medseg(python: Path, timeout: float = 600) -> None:
     """Install the clone's medseg into the venv (``--no-deps``) unless that exact source is installed."""
     stamp_file = VENV / "medseg-source.json"
@@ -110,14 +122,7 @@ def ensure_medseg(python: Path, timeout: float = 600) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # build from a copy: an in-tree build would write build/ and *.egg-info into the clone
         src = Path(tmp) / "src"
-        shutil.copytree(
-            ROOT,
-            src,
-            ignore=shutil.ignore_patterns(
-                ".git", ".venv", "build", "*.egg-info", "bundles", "sample_data", "benchmarks", "tests",
-                "__pycache__", "out",
-            ),
-        )
+        shutil.copytree(ROOT, src, ignore=_ignore_for_medseg_build)
         cmd = [str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
                "--force-reinstall", str(src)]
         done = _run(cmd, timeout=timeout)
