@@ -33,10 +33,12 @@ from typing import Any
 __all__ = [
     "BundleError",
     "BundleSummary",
+    "add_prepare_parser",
     "check_bundle",
     "fetch_app",
     "main",
     "prepare_app",
+    "run_prepare",
     "start_server_command",
 ]
 
@@ -271,6 +273,16 @@ def check_bundle(
         _check_weights(bundle, infer_file, weights)
 
     warnings: list[str] = []
+    if dimension == 2:
+        post = _lookup(infer, "postprocessing")[1]
+        post = post.get("transforms", []) if isinstance(post, Mapping) else post
+        targets = [str(t.get("_target_", "")).rsplit(".", 1)[-1] for t in post if isinstance(t, Mapping)]
+        targets = [t for t in targets if t != "SaveImaged"]  # MONAI Label drops it
+        if "SqueezeDimd" not in targets or "CastToTyped" not in targets:
+            warnings.append(
+                "2D postprocessing does not end in SqueezeDimd + CastToTyped(uint8): MONAI Label's ITK "
+                "writer fails on a (1, H, W) float mask for PNG images"
+            )
     train_file = _find_config(bundle, TRAIN_CONFIGS)
     trainable = train_file is not None
     if train_file is None:
@@ -402,7 +414,7 @@ def prepare_app(
     if not (app / "main.py").is_file():
         raise FileNotFoundError(
             f"{app}: no main.py; fetch the app first (monailabel apps --download --name monaibundle "
-            f"--output {app.parent}) or pass monailabel="
+            f"--output {app.parent}) or give MONAI Label's monailabel command (--monailabel)"
         )
     model_dir = app / "model"
     model_dir.mkdir(exist_ok=True)
@@ -434,17 +446,20 @@ def start_server_command(
     return [*cmd, "--host", host, "--port", str(port)]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m medseg.monailabel prepare --app APP BUNDLE...``: check and install bundles into an app."""
-    parser = argparse.ArgumentParser(prog="medseg-monailabel", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="check bundles and put them into a MONAI Label monaibundle app")
+def add_prepare_parser(sub: Any, name: str = "monailabel-prepare") -> argparse.ArgumentParser:
+    """Add the ``prepare`` subcommand to an ``add_subparsers()`` object (``medseg monailabel-prepare``)."""
+    p = sub.add_parser(name, help="check bundles and put them into a MONAI Label monaibundle app")
     p.add_argument("bundles", nargs="+", type=Path, help="bundle folders (e.g. bundles/unet_ct_3d)")
     p.add_argument("--app", type=Path, required=True, help="monaibundle app folder (e.g. apps/monaibundle)")
     p.add_argument("--link", action="store_true", help="symlink the bundles instead of copying them")
     p.add_argument("--no-train", action="store_true", help="do not require the training configs")
     p.add_argument("--monailabel", help="MONAI Label's 'monailabel' command, to fetch the app when missing")
-    args = parser.parse_args(argv)
+    p.set_defaults(func=run_prepare)
+    return p
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Run ``prepare`` for parsed arguments; 0 on success, 2 with the reason on stderr otherwise."""
     try:
         summaries = prepare_app(
             args.app,
@@ -463,6 +478,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  warning: {warning}")
     print(" ".join(start_server_command(args.app, "STUDIES", list(summaries))))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m medseg.monailabel prepare --app APP BUNDLE...``: check and install bundles into an app."""
+    parser = argparse.ArgumentParser(prog="python -m medseg.monailabel", description=__doc__.splitlines()[0])
+    add_prepare_parser(parser.add_subparsers(dest="command", required=True), "prepare")
+    args = parser.parse_args(argv)
+    return int(args.func(args))
 
 
 if __name__ == "__main__":
