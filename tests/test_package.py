@@ -29,6 +29,17 @@ def test_version_and_cli_entry_point() -> None:
     assert out.returncode == 0 and "sample-data" in out.stdout
 
 
+def test_cli_and_package_import_stay_light() -> None:
+    """``import medseg`` and building the CLI import neither torch nor MONAI (``medseg --help`` is instant)."""
+    code = (
+        "import sys, medseg, medseg.cli; medseg.cli.build_parser(); "
+        "heavy = [m for m in ('torch', 'monai', 'pydicom') if m in sys.modules]; print(heavy)"
+    )
+    out = _run([sys.executable, "-c", code], cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_import_transforms_from_repo_root_and_elsewhere(tmp_path: Path) -> None:
     code = "import medseg, medseg.transforms as t; print(t.__file__)"
     for cwd in (REPO, tmp_path):

@@ -7,24 +7,41 @@
 - :mod:`~medseg.predict.command`: the ``medseg predict`` command line.
 """
 
-from medseg.predict.discovery import Case, case_id, discover_cases, fingerprint, parse_shard, select_shard
-from medseg.predict.engine import FORMATS, BatchPredictor, SetupError, load_checkpoint
-from medseg.predict.report import EXIT_CODES, CaseResult, merge_reports, read_report, write_report
+from __future__ import annotations
 
-__all__ = [
-    "EXIT_CODES",
-    "FORMATS",
-    "BatchPredictor",
-    "Case",
-    "CaseResult",
-    "SetupError",
-    "case_id",
-    "discover_cases",
-    "fingerprint",
-    "load_checkpoint",
-    "merge_reports",
-    "parse_shard",
-    "read_report",
-    "select_shard",
-    "write_report",
-]
+import importlib
+from typing import Any
+
+# public name -> defining module, imported on first access so that ``medseg --help`` stays fast
+_LAZY: dict[str, str] = {
+    "EXIT_CODES": "medseg.predict.report",
+    "FORMATS": "medseg.predict.engine",
+    "BatchPredictor": "medseg.predict.engine",
+    "Case": "medseg.predict.discovery",
+    "CaseResult": "medseg.predict.report",
+    "SetupError": "medseg.predict.engine",
+    "case_id": "medseg.predict.discovery",
+    "discover_cases": "medseg.predict.discovery",
+    "fingerprint": "medseg.predict.discovery",
+    "load_checkpoint": "medseg.predict.engine",
+    "merge_reports": "medseg.predict.report",
+    "parse_shard": "medseg.predict.discovery",
+    "read_report": "medseg.predict.report",
+    "select_shard": "medseg.predict.discovery",
+    "write_report": "medseg.predict.report",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'medseg.predict' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
