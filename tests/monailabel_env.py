@@ -9,8 +9,8 @@ lives in its own venv outside the clone, under ``$MEDSEG_CACHE`` (default ``~/.c
   last, so a half-built venv is rebuilt from scratch on the next run.
 - medseg is installed into it with ``pip install --no-deps`` of the clone; ``medseg-source.json``
   records a hash of medseg's sources so an edit reinstalls it (a few seconds).
-- ``monailabel-weights/<bundle>-<hash>/model.pt``: weights from a one-epoch training run of each
-  bundle, keyed by the bundle's configs and medseg's sources.
+- ``monailabel-weights/<bundle>-<hash>-<hash>/model.pt``: weights from a one-epoch training run of
+  each bundle, keyed by the bundle's configs and medseg's network code.
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ def ensure_medseg(python: Path, timeout: float = 600) -> None:
 def trained_weights(python: Path, bundle: Path, dataset_dir: Path, timeout: float = 900) -> Path:
     """``models/model.pt`` of ``bundle`` after one training epoch (run in ``python``'s env), cached."""
     configs = [p for p in (bundle / "configs").iterdir() if p.is_file()]
-    key = f"{bundle.name}-{_sha(configs, bundle)}-{medseg_source_hash()}"
+    networks = [p for p in (ROOT / "medseg" / "networks").rglob("*.py")]
+    key = f"{bundle.name}-{_sha(configs, bundle)}-{_sha(networks, ROOT)}"  # weights depend on these only
     cached = WEIGHTS / key / "model.pt"
     if cached.is_file():
         return cached

@@ -106,7 +106,7 @@ def test_mismatched_weights_meta_refs_and_handlers_are_errors(tmp_path: Path) ->
     (bundle / "configs" / "multi_gpu_train.json").unlink()
     with pytest.raises(BundleError, match="multi_gpu_train.json"):
         check_bundle(bundle)
-    assert "multi_gpu_train.json" in check_bundle(bundle, require_train=False).warnings[0]
+    assert any("multi_gpu_train.json" in w for w in check_bundle(bundle, require_train=False).warnings)
 
 
 def test_2d_postprocessing_that_monailabel_cannot_write_is_flagged(tmp_path: Path) -> None:
