@@ -110,6 +110,12 @@ def test_bundle_layout_and_metadata(name: str) -> None:
     assert "network" in train and "network_def" in train
     assert isinstance(train["train"]["handlers"], list)
     assert "run" in train and "training" in train
+    # multi_gpu_train.json disables these by index on ranks > 0 (one log / TensorBoard writer per run)
+    multi = json.loads((root / "configs" / "multi_gpu_train.json").read_text())
+    for key in [k for k in multi if k.endswith("#_disabled_")]:
+        section, _, index, _ = key.split("#")
+        target = train[section]["handlers"][int(index)]["_target_"]
+        assert target in ("StatsHandler", "TensorBoardStatsHandler"), f"{key} -> {target}"
     if not SCHEMA.is_file():
         pytest.skip(f"schema {SCHEMA} absent")
     from monai.bundle import verify_metadata
