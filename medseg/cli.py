@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     from medseg.predict.command import add_predict_parser
 
     add_predict_parser(sub)
+
+    from medseg.monailabel import add_prepare_parser
+
+    add_prepare_parser(sub)
     return parser
 
 
