@@ -454,3 +454,26 @@ def test_cuda_run_matches_cpu(bundle: Path, tmp_path: Path) -> None:
         assert [r.status for r in p.run(items)] == ["ok"]
         res[dev] = nib.load(tmp_path / dev / "case_003_seg.nii.gz").get_fdata()
     assert (res["cpu"] != res["cuda"]).mean() < 1e-3
+
+
+def test_engine_postprocessing_equals_the_bundles(bundle: Path, tmp_path: Path) -> None:
+    """The engine's postprocessing (savers dropped, AsDiscreted's argmax as ``max().indices``) gives the
+    same label map as the bundle's own MONAI transforms, ties included, on a real case."""
+    from monai.transforms import AsDiscreted, Compose, SaveImaged
+
+    from medseg.predict.discovery import discover_cases
+
+    predictor = BatchPredictor.from_bundle(bundle, tmp_path, config_file=_configs(bundle), progress=False)
+    *head, last = predictor.postprocessing.transforms
+    assert isinstance(last, AsDiscreted) and type(last.converter).__name__ != "AsDiscrete"
+    assert not any(isinstance(t, SaveImaged) for t in head)
+    stock = Compose([*head, AsDiscreted("pred", argmax=True)])  # the bundle's last step, MONAI's own
+    case = next(c for c in discover_cases(CT / "images") if c.id.startswith("case_001"))
+    prep = predictor._prepare(case, "")
+    pred, _ = predictor._infer(prep)
+    pred[:, :4] = 0.0  # exact ties: both must pick the first channel
+    fast = predictor.postprocessing({**prep.data, "pred": pred.clone()})["pred"]
+    ref = stock({**prep.data, "pred": pred.clone()})["pred"]
+    assert fast.shape == ref.shape == (1, *nib.load(case.path).shape)
+    assert torch.equal(fast.as_tensor(), ref.as_tensor()) and torch.equal(fast.affine, ref.affine)
+    assert 0 < int(ref.sum()) < ref.numel()  # both labels present: the comparison can fail

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -117,16 +118,50 @@ def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike[str]) -> s
     return _sha256_file(path)
 
 
-def _strip_savers(transform: Any) -> Any:
-    """Drop ``SaveImage`` / ``SaveImaged`` from a (possibly nested) ``Compose``."""
-    from monai.transforms import Compose, SaveImage, SaveImaged
+@functools.cache
+def _fast_as_discrete() -> type:
+    """A MONAI ``AsDiscrete`` whose argmax is ``Tensor.max(dim).indices``.
+
+    Same result (the first maximal index, as ``torch.argmax``), but ``torch.argmax`` over the leading
+    channel axis of a ``(C, H, W, D)`` tensor is ~30x slower on CPU (0.3 s vs 0.01 s for 2x160x160x64 with
+    torch 2.x): it was the largest non-inference cost per case.
+    """
+    from monai.data import MetaTensor
+    from monai.data.meta_obj import get_track_meta
+    from monai.transforms import AsDiscrete
+    from monai.utils.type_conversion import convert_to_dst_type, convert_to_tensor
+
+    class _FastArgmaxAsDiscrete(AsDiscrete):
+        def __call__(self, img: Any, argmax: bool | None = None, *args: Any, **kwargs: Any) -> Any:
+            if self.argmax if argmax is None else argmax:
+                t = convert_to_tensor(img, track_meta=get_track_meta())
+                raw = t.as_tensor() if isinstance(t, MetaTensor) else t
+                dim, keep = self.kwargs.get("dim", 0), self.kwargs.get("keepdim", True)
+                img, *_ = convert_to_dst_type(raw.max(dim=dim, keepdim=keep).indices, t)
+            return super().__call__(img, False, *args, **kwargs)
+
+    return _FastArgmaxAsDiscrete
+
+
+def _prepare_postprocessing(transform: Any) -> Any:
+    """Drop ``SaveImage`` / ``SaveImaged`` from a (possibly nested) ``Compose``; give ``AsDiscrete(d)``
+    the fast argmax of :func:`_fast_as_discrete` (copies: the caller's transforms are left untouched)."""
+    from monai.transforms import AsDiscrete, AsDiscreted, Compose, SaveImage, SaveImaged
 
     if isinstance(transform, (SaveImage, SaveImaged)):
         return None
     if isinstance(transform, Compose):
-        kept = [t for t in (_strip_savers(t) for t in transform.transforms) if t is not None]
+        kept = [t for t in (_prepare_postprocessing(t) for t in transform.transforms) if t is not None]
         out = copy.copy(transform)
         out.transforms = kept
+        return out
+    if type(transform) is AsDiscrete:
+        out = copy.copy(transform)
+        out.__class__ = _fast_as_discrete()
+        return out
+    if type(transform) is AsDiscreted and type(transform.converter) is AsDiscrete:
+        out = copy.copy(transform)
+        out.converter = _prepare_postprocessing(transform.converter)
         return out
     return transform
 
@@ -224,7 +259,7 @@ class BatchPredictor:
         self.checkpoint_sha256 = ckpt_hash
         self.preprocessing = preprocessing
         self.inferer = inferer
-        self.postprocessing = _strip_savers(postprocessing) if postprocessing is not None else None
+        self.postprocessing = _prepare_postprocessing(postprocessing) if postprocessing is not None else None
         self.formats = tuple(dict.fromkeys(formats))
         self.overlays = overlays
         self.workers, self.writers = int(workers), int(writers)
@@ -431,7 +466,8 @@ class BatchPredictor:
                 written.append(write_nifti_mask(mask, ref, paths["nifti"]))
             if "dicom-seg" in self.formats and case.is_dicom:
                 labels = self.labels or None
-                if labels is not None and not set(int(v) for v in np.unique(mask) if v) <= set(labels):
+                present = set(np.flatnonzero(np.bincount(mask.ravel())).tolist()) - {0}  # mask: uint8/16
+                if labels is not None and not present <= set(labels):
                     labels = None
                 written.append(write_dicom_seg(mask, None, paths["dicom-seg"], labels, reference=ref))
             if self.overlays:

@@ -87,8 +87,13 @@ def label_stats(
     ``names`` (label -> name, e.g. the bundle's ``channel_def``) fixes the labels reported, so that
     absent labels show 0; labels found but not named are reported as ``label_<k>``.
     """
-    values, counts = np.unique(np.asarray(mask), return_counts=True)
-    found = {int(v): int(c) for v, c in zip(values, counts, strict=True) if v != 0}
+    arr = np.asarray(mask)
+    if arr.dtype.kind == "u" and arr.itemsize <= 2:  # the label maps the engine writes: a histogram, no sort
+        counts = np.bincount(arr.ravel())
+        found = {int(v): int(counts[v]) for v in np.flatnonzero(counts) if v != 0}
+    else:
+        values, counts = np.unique(arr, return_counts=True)
+        found = {int(v): int(c) for v, c in zip(values, counts, strict=True) if v != 0}
     table = {int(k): str(v) for k, v in (names or {}).items() if int(k) != 0}
     for k in found:
         table.setdefault(k, f"label_{k}")
