@@ -10,6 +10,9 @@ Generates ``--n`` CT volumes larger than the sample data (the sample CT cases re
 3. *pipelined engine*: ``BatchPredictor(workers=W)`` (loading of the next cases and writing of finished
    ones overlap with inference).
 
+Also prints the medians of the per-stage sums of the report rows (``load_s``: load + preprocess,
+``infer_s``, ``write_s``: postprocess incl. ``Invertd`` + writing) for both modes.
+
 Prints medians over ``--repeats`` runs, cases/s, and the ratios engine/pure and sequential/engine.
 Run: ``python benchmarks/bench_predict.py [--n 20] [--size 192 192 80] [--repeats 3]``.
 Uses ``bundles/unet_ct_3d`` with its ``models/model.pt`` (random weights when absent: timing only).
@@ -104,6 +107,7 @@ def main() -> None:
             pure.append(total)
         del preps
         seq, eng = [], []
+        stages: dict[str, list[dict[str, float]]] = {"seq": [], "engine": []}
         for r in range(args.repeats):
             for mode, workers, acc in (("seq", 0, seq), ("engine", args.workers, eng)):
                 out = tmp / f"{mode}_{r}"
@@ -112,6 +116,9 @@ def main() -> None:
                 rows = bp.run(src)
                 acc.append(time.perf_counter() - t)
                 assert all(row.status == "ok" for row in rows), [row.error for row in rows if row.error]
+                # per-stage sums (threads overlap in the engine, so they exceed its wall time there)
+                keys = ("load_s", "infer_s", "write_s")
+                stages[mode].append({k: sum(getattr(row, k) for row in rows) for k in keys})
                 shutil.rmtree(out)
         med = {k: statistics.median(v) for k, v in (("pure", pure), ("seq", seq), ("engine", eng))}
         result = {
@@ -123,6 +130,9 @@ def main() -> None:
             "sequential_s": seq,
             "engine_s": eng,
             "median_s": med,
+            "stage_sums_s": {
+                m: {k: statistics.median(d[k] for d in v) for k in v[0]} for m, v in stages.items()
+            },
             "cases_per_s": {k: args.n / v for k, v in med.items()},
             "engine_over_pure": med["engine"] / med["pure"],
             "sequential_over_pure": med["seq"] / med["pure"],
