@@ -30,7 +30,7 @@ def test_version_and_cli_entry_point() -> None:
 
 
 def test_cli_and_package_import_stay_light() -> None:
-    """``import medseg`` and building the CLI import neither torch nor MONAI (``medseg --help`` is instant)."""
+    """``import medseg`` and building the CLI import neither torch nor MONAI (``medseg --help`` is fast)."""
     code = (
         "import sys, medseg, medseg.cli; medseg.cli.build_parser(); "
         "heavy = [m for m in ('torch', 'monai', 'pydicom') if m in sys.modules]; print(heavy)"
