@@ -843,6 +843,16 @@ def _resample_slices(
     return np.moveaxis(out, 0, 2)
 
 
+def has_dicom_preamble(path: str | os.PathLike[str]) -> bool:
+    """True when the file starts with the 128-byte preamble and ``DICM`` (PS3.10 section 7.1)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
 def _looks_like_dicom(name: str) -> bool:
     p = Path(name)
     if p.is_dir():
@@ -852,9 +862,4 @@ def _looks_like_dicom(name: str) -> bool:
         return True
     if suffix in _OTHER_SUFFIXES or not p.is_file():
         return False
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
+    return has_dicom_preamble(p)

@@ -24,6 +24,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from medseg.data.dicom_reader import DICOM_SUFFIXES, has_dicom_preamble
+
 __all__ = [
     "Case",
     "IGNORED_SUFFIXES",
@@ -37,8 +39,6 @@ __all__ = [
     "shard_from_env",
 ]
 
-#: suffixes taken as DICOM without sniffing (other files are sniffed for the ``DICM`` preamble)
-DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 #: image formats handed to the bundle's loader as one case each
 IMAGE_SUFFIXES = (
     ".nii", ".nii.gz", ".mat", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
@@ -133,12 +133,7 @@ def _is_dicom_file(path: str) -> bool:
         return True
     if _lower_suffix(path) in IMAGE_SUFFIXES:
         return False
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
+    return has_dicom_preamble(path)
 
 
 def _series_uid(path: str) -> tuple[str | None, str | None]:
