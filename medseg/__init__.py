@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from medseg._lazy import lazy_exports
 from medseg._version import __version__
 
 # public name -> module that defines it
@@ -57,17 +58,7 @@ if not (Path(__file__).parent / "transforms").is_dir() and (_SOURCE_TRANSFORMS /
         sys.meta_path.append(_SourceTransformsFinder())
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medseg' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, eager=("__version__",))
 
 
 # Eager but cheap (no MONAI import): hooks medseg's DICOM/.mat readers into MONAI's LoadImage.

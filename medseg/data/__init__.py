@@ -7,9 +7,7 @@ attribute access, and :mod:`medseg.data.registration` hooks them into ``LoadImag
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from medseg._lazy import lazy_exports
 from medseg.data.errors import ReadError
 from medseg.data.registration import install as _install_readers
 
@@ -39,14 +37,4 @@ __all__ = ["ReadError", *_LAZY]
 _install_readers()
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medseg.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, eager=("ReadError",))
