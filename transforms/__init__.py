@@ -3,6 +3,11 @@
 Each transform comes as an array transform and its dictionary twin (suffix ``d``).
 """
 
+from . import elastic as _elastic
+from . import intensity as _intensity
+from . import weight_map as _weight_map
 from .elastic import *
 from .intensity import *
 from .weight_map import *
+
+__all__ = [*_elastic.__all__, *_intensity.__all__, *_weight_map.__all__]
