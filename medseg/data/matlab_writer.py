@@ -12,7 +12,8 @@ The output is deterministic: no time stamps in the HDF5 objects and a fixed crea
 header (``created``), so the same variables give the same bytes.
 
 v5 files are written with :func:`scipy.io.savemat`; its time-stamped header text is replaced by a
-fixed one for the same reason.
+fixed one for the same reason. Both are written next to the target and renamed into place
+(:func:`medseg.data.writers.atomic_target`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 import h5py
 import numpy as np
 import scipy.io
+
+from medseg.data.writers import atomic_target
 
 __all__ = ["MATLAB_CREATED", "write_mat_v5", "write_mat_v73"]
 
@@ -127,20 +130,15 @@ def write_mat_v73(
     Values: a mapping (struct, written as a group), ``str`` (char), a bool array (logical), a
     numeric scalar or array (double/single/intN/uintN). Arrays are given in MATLAB orientation
     (``a[r, c]`` is ``a(r+1, c+1)``); 0-D values become 1x1 and 1-D values rows, as in
-    :func:`scipy.io.savemat`. The file is written next to ``path`` and renamed into place.
+    :func:`scipy.io.savemat`.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.part")
-    try:
+    with atomic_target(path, ".mat") as tmp:
         with h5py.File(tmp, "w", userblock_size=_USERBLOCK, libver="earliest", track_order=False) as f:
             for name, value in variables.items():
                 _write_value(f, name, value)
         with open(tmp, "r+b") as fh:
             fh.write(_v73_header(platform, created))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -162,11 +160,6 @@ def write_mat_v5(
     raw = bytearray(buf.getvalue())
     text = f"MATLAB 5.0 MAT-file, Platform: {platform}, Created on: {created}".encode("ascii")
     raw[:116] = text.ljust(116, b" ")
-    tmp = path.with_name(f".{path.name}.part")
-    try:
-        tmp.write_bytes(bytes(raw))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_target(path, ".mat") as tmp:
+        Path(tmp).write_bytes(bytes(raw))
     return path
