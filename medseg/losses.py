@@ -51,9 +51,8 @@ class WeightedCrossEntropyLoss(_Loss):
             raise ValueError("softmax cross-entropy needs C >= 2 channels (use DiceBCELoss for one channel)")
         batch, spatial = logits.shape[0], logits.shape[2:]
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            logp = F.log_softmax(logits.float(), dim=1)
             if target.shape == logits.shape and target.is_floating_point():
-                nll = -(target.float() * logp).sum(dim=1)
+                nll = F.cross_entropy(logits.float(), target.float(), reduction="none")
             else:
                 if target.dim() == logits.dim():
                     if target.shape[1] != 1:
@@ -66,8 +65,7 @@ class WeightedCrossEntropyLoss(_Loss):
                     raise ValueError(
                         f"target {tuple(target.shape)} does not match logits {tuple(logits.shape)}"
                     )
-                index = target.long()
-                nll = -logp.gather(1, index.unsqueeze(1)).squeeze(1)
+                nll = F.cross_entropy(logits.float(), target.long(), reduction="none")
             if weight is not None:
                 w = weight.float()
                 if w.dim() == logits.dim() and w.shape[1] == 1:
