@@ -12,6 +12,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -65,6 +66,19 @@ def _configs(bundle: Path) -> list[str]:
     return [str(bundle / "configs" / "inference.json"), str(bundle / "configs" / "tiny.json")]
 
 
+def _full_predictor(bundle: Path, out: Path, **kwargs: Any) -> BatchPredictor:
+    """The predictor of the full run (NIfTI + DICOM SEG + overlays), with ``kwargs`` on top."""
+    return BatchPredictor.from_bundle(
+        bundle,
+        out,
+        config_file=_configs(bundle),
+        formats=("nifti", "dicom-seg"),
+        overlays=True,
+        progress=False,
+        **kwargs,
+    )
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A PACS-like mixed input folder: good cases and every kind of bad one."""
@@ -111,14 +125,7 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def full_run(bundle: Path, mixed: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     out = tmp_path_factory.mktemp("out_full")
-    predictor = BatchPredictor.from_bundle(
-        bundle,
-        out,
-        config_file=_configs(bundle),
-        formats=("nifti", "dicom-seg"),
-        overlays=True,
-        progress=False,
-    )
+    predictor = _full_predictor(bundle, out)
     predictor.run(mixed)
     return out, int(predictor.exit_code)
 
@@ -252,14 +259,7 @@ def test_rerun_skips_finished_cases_and_new_model_redoes_them(
     work = tmp_path / "out"
     shutil.copytree(out, work)
     mtimes = {p.name: p.stat().st_mtime_ns for p in work.glob("*_seg.nii.gz")}
-    p = BatchPredictor.from_bundle(
-        bundle,
-        work,
-        config_file=_configs(bundle),
-        formats=("nifti", "dicom-seg"),
-        overlays=True,
-        progress=False,
-    )
+    p = _full_predictor(bundle, work)
     rows = {r.id: r for r in p.run(mixed)}
     assert rows["nifti__case_001"].status == "skipped" and rows["nifti__case_001"].voxels
     assert rows["corrupt"].status == "failed"  # failed cases are retried, not skipped
@@ -268,15 +268,7 @@ def test_rerun_skips_finished_cases_and_new_model_redoes_them(
     ckpt = tmp_path / "other.pt"
     net = torch.load(bundle / "models" / "model.pt", weights_only=True)
     torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in net.items()}, ckpt)
-    p2 = BatchPredictor.from_bundle(
-        bundle,
-        work,
-        config_file=_configs(bundle),
-        checkpoint=ckpt,
-        progress=False,
-        formats=("nifti", "dicom-seg"),
-        overlays=True,
-    )
+    p2 = _full_predictor(bundle, work, checkpoint=ckpt)
     items = [{"image": str(mixed / "nifti" / "case_001.nii.gz")}]
     assert [r.status for r in p2.run(items)] == ["ok"]
 
@@ -287,15 +279,7 @@ def test_two_shards_equal_one_run(
     out, _ = full_run
     shard_out = tmp_path / "sharded"
     for i in range(2):
-        p = BatchPredictor.from_bundle(
-            bundle,
-            shard_out,
-            config_file=_configs(bundle),
-            shard=(i, 2),
-            formats=("nifti", "dicom-seg"),
-            overlays=True,
-            progress=False,
-        )
+        p = _full_predictor(bundle, shard_out, shard=(i, 2))
         p.run(mixed)
         assert (shard_out / f"report.shard-{i}-of-2.json").is_file()
     code, problems = merge_reports(str(shard_out))
