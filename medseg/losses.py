@@ -92,7 +92,6 @@ class DiceBCELoss(DiceCELoss):
 
     def __init__(self, sigmoid: bool = True, **kwargs: object) -> None:
         super().__init__(sigmoid=sigmoid, **kwargs)  # type: ignore[arg-type]
-        self._reduction = str(kwargs.get("reduction", "mean"))
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if input.shape[1] == 1:
@@ -101,5 +100,5 @@ class DiceBCELoss(DiceCELoss):
             raise ValueError(
                 f"multi-label DiceBCELoss needs target shape {tuple(input.shape)}, got {tuple(target.shape)}"
             )
-        bce = F.binary_cross_entropy_with_logits(input, target.to(input.dtype), reduction=self._reduction)
+        bce = self.bce(input, target.to(input.dtype))  # DiceCELoss own BCE: reduction, pos_weight
         return self.lambda_dice * self.dice(input, target) + self.lambda_ce * bce
