@@ -294,7 +294,11 @@ class OverlapTileInferer(Inferer):
         positions = list(itertools.product(*(range(len(p.starts)) for p in plans)))
         jobs = [(b, pos) for b in range(batch) for pos in positions]
         chunks = [jobs[i : i + self.sw_batch_size] for i in range(0, len(jobs), self.sw_batch_size)]
-        sources = [[p.source(j) for j in range(len(p.starts))] for p in plans]
+        # mirrored index tensors moved to the gather device once, not per tile
+        sources = [
+            [s if isinstance(s := p.source(j), tuple) else s.to(x.device) for j in range(len(p.starts))]
+            for p in plans
+        ]
         on_cuda = sw_device.type == "cuda"
         pin = on_cuda and x.device.type == "cpu"
         prefetch = on_cuda if self.prefetch is None else self.prefetch
@@ -302,8 +306,7 @@ class OverlapTileInferer(Inferer):
         blend = self.mode != "crop" and all(p.border == 0 for p in plans)  # valid-conv nets: always exact
 
         def make_batch(chunk: list[tuple[int, tuple[int, ...]]]) -> torch.Tensor:
-            gather_dev = x.device
-            buf = torch.empty((len(chunk), channels, *tile), dtype=x.dtype, device=gather_dev, pin_memory=pin)
+            buf = torch.empty((len(chunk), channels, *tile), dtype=x.dtype, device=x.device, pin_memory=pin)
             for i, (b, pos) in enumerate(chunk):
                 t = x[b]
                 picks = []
@@ -314,7 +317,7 @@ class OverlapTileInferer(Inferer):
                     else:
                         picks.append((ax, src))
                 for ax, idx in picks:
-                    t = t.index_select(ax + 1, idx.to(t.device))
+                    t = t.index_select(ax + 1, idx)
                 buf[i].copy_(t)
             return buf.to(sw_device, non_blocking=True) if buf.device != sw_device else buf
 
@@ -322,9 +325,8 @@ class OverlapTileInferer(Inferer):
         weight_sum: torch.Tensor | None = None
         if blend:
             weight = compute_importance_map(
-                tile_out, mode=self.mode, sigma_scale=self.sigma_scale, device=sw_device
+                tile_out, mode=self.mode, sigma_scale=self.sigma_scale, device=sw_device, dtype=torch.float32
             )
-            weight = weight.to(torch.float32)
             weight_sum = torch.zeros(spatial, dtype=torch.float32, device=device)
             w_dev = weight.to(device)
             for pos in positions:
