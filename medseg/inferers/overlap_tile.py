@@ -335,7 +335,11 @@ class OverlapTileInferer(Inferer):
 
         out: torch.Tensor | None = None
 
-        def write(pred: torch.Tensor, chunk: list[tuple[int, tuple[int, ...]]]) -> None:
+        def write(
+            pred: torch.Tensor, chunk: list[tuple[int, tuple[int, ...]]], event: torch.cuda.Event | None
+        ) -> None:
+            if event is not None:  # the asynchronous device-to-host copy of ``pred`` has finished
+                event.synchronize()
             for i, (b, pos) in enumerate(chunk):
                 if blend:
                     dst, src = zip(*(plans[ax].covered(j) for ax, j in enumerate(pos)), strict=True)
@@ -390,16 +394,12 @@ class OverlapTileInferer(Inferer):
                             event.record()
                     # write the previous batch while this one is computed/copied asynchronously
                     if pending is not None:
-                        if pending[2] is not None:
-                            pending[2].synchronize()
-                        write(pending[0], pending[1])
+                        write(*pending)
                     pending = (pred, chunk, event)
                     if bar is not None:
                         bar.update(1)
                 if pending is not None:
-                    if pending[2] is not None:
-                        pending[2].synchronize()
-                    write(pending[0], pending[1])
+                    write(*pending)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
