@@ -38,7 +38,8 @@ class CurvePlotter:
 
     Attach to the trainer; pass the validation ``evaluator`` to plot its key metric (or ``metric_name``).
     The figure is rewritten after every epoch (and at the end), atomically, by the main process only, so
-    a run that stops early still leaves an up-to-date plot. Matplotlib runs with the ``Agg`` backend.
+    a run that stops early still leaves an up-to-date plot. The figure is drawn without pyplot (Agg canvas),
+    so the process-wide Matplotlib backend is left untouched.
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class CurvePlotter:
         self.title = title
         self.losses: list[tuple[int, float]] = []
         self.metrics: list[tuple[int, float]] = []
+        self.metric_label: str = metric_name or "validation metric"
         self._epoch_losses: list[float] = []
         self._trainer: Engine | None = None
 
@@ -92,10 +94,7 @@ class CurvePlotter:
     def _write(self, engine: Engine) -> None:
         if not _is_main_process() or not (self.losses or self.metrics):
             return
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # no pyplot: renders with Agg, leaves the global backend alone
 
         fig = Figure(figsize=(10, 4), dpi=100)
         ax_loss, ax_metric = fig.subplots(1, 2)
@@ -105,7 +104,7 @@ class CurvePlotter:
         ax_loss.set_ylabel("loss")
         ax_loss.set_title("training loss (mean per epoch)")
         ax_loss.grid(True, alpha=0.3)
-        label = getattr(self, "metric_label", self.metric_name or "validation metric")
+        label = self.metric_label
         if self.metrics:
             ax_metric.plot(*zip(*self.metrics, strict=True), marker="o", color="tab:orange", label=label)
             best = max(self.metrics, key=lambda p: p[1])
