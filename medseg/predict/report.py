@@ -88,9 +88,14 @@ def label_stats(
     absent labels show 0; labels found but not named are reported as ``label_<k>``.
     """
     arr = np.asarray(mask)
-    if arr.dtype.kind == "u" and arr.itemsize <= 2:  # the label maps the engine writes: a histogram, no sort
-        counts = np.bincount(arr.ravel())
-        found = {int(v): int(counts[v]) for v in np.flatnonzero(counts) if v != 0}
+    if arr.dtype.kind == "u" and arr.itemsize <= 2:  # the label maps the engine writes: no sort
+        top = int(arr.max()) if arr.size else 0
+        if top <= 32:  # a few labels: one cheap count per label (bincount first widens to int64)
+            found = {k: int(np.count_nonzero(arr == k)) for k in range(1, top + 1)}
+            found = {k: n for k, n in found.items() if n}
+        else:
+            counts = np.bincount(arr.ravel())
+            found = {int(v): int(counts[v]) for v in np.flatnonzero(counts) if v != 0}
     else:
         values, counts = np.unique(arr, return_counts=True)
         found = {int(v): int(c) for v, c in zip(values, counts, strict=True) if v != 0}
