@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -83,6 +85,21 @@ def test_valid_tile_moves_to_nearest_valid_size() -> None:
     with pytest.warns(UserWarning, match="gives no output"):
         plans = OverlapTileInferer(20).plan((300, 300), net)
     assert net.output_size((plans[0].tile,) * 2)[0] >= net.size_divisor
+
+
+def test_valid_net_blending_mode_warns_once_and_stays_exact() -> None:
+    torch.manual_seed(0)
+    net = UNet(2, 1, 2, features=2, depth=2).eval().double()
+    x = torch.randn(1, 1, 150, 130, dtype=torch.float64)
+    inferer = OverlapTileInferer(64, mode="gaussian", output_dtype=None)
+    with pytest.warns(UserWarning, match="ignored for this valid-convolution network"), torch.no_grad():
+        y = inferer(x, net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per inferer, not per call
+        with torch.no_grad():
+            inferer(x, net)
+        ref = _whole_valid(net, x)
+    assert (y - ref).abs().max().item() < 1e-9
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 37), (23, 1), (3, 5), (45, 40)])

@@ -233,6 +233,13 @@ class OverlapTileInferer(Inferer):
             return [
                 _same_axis(n, t, d, self.overlap) for n, t, d in zip(image_size, tile, divisor, strict=True)
             ]
+        if self.mode != "crop" and not getattr(self, "_warned_mode", False):
+            self._warned_mode = True
+            warnings.warn(
+                f"mode={self.mode!r} is ignored for this valid-convolution network (border {border}): its "
+                "tiles abut exactly, with nothing to blend (paper Fig. 2)",
+                stacklevel=3,
+            )
         tile = roi
         if hasattr(core, "valid_input_size") and hasattr(core, "input_size_for_output"):
             tile = tuple(core.valid_input_size(tile, mode="nearest"))
