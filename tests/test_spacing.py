@@ -360,13 +360,7 @@ def test_lazy_compose_equals_monai(ct: MetaTensor, no_fast_path: None):
     _same_ops(ours.applied_operations, ref.applied_operations)
 
 
-# ----------------------------------------------------- MONAI quirks at size-1 axes and sub-1e-3 spacings
-@pytest.mark.xfail(
-    strict=True,
-    reason="transforms/spacing.py bug: with align_corners=True MONAI's affine_grid/grid_sample treat size-1 "
-    "axes specially (output voxel sampled half a voxel further; a size-1 input is broadcast even with "
-    "zeros padding); the separable path does not reproduce that and does not fall back",
-)
+# ------------------------------ fall back to MONAI: size-1 axes with align_corners, tiny spacings, NaN/inf
 @pytest.mark.parametrize("case", ["output depth 1", "input depth 1, zeros"])
 def test_size_one_axis_align_corners_matches_monai(case: str):
     if case == "output depth 1":
@@ -391,11 +385,6 @@ def test_size_one_axis_align_corners_matches_monai(case: str):
     assert torch.allclose(ours.as_tensor(), ref.as_tensor(), atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transforms/spacing.py bug: MONAI also leaves the image unresampled when src and dst affines "
-    "are allclose(atol=1e-3) (tiny spacings, e.g. microscopy in mm); _plan only checks the voxel map",
-)
 def test_tiny_spacing_unchanged_like_monai():
     img = MetaTensor(torch.rand(1, 20, 20, 20), affine=torch.diag(torch.tensor([1e-4, 1e-4, 1e-4, 1.0])))
     dst = torch.diag(torch.tensor([2e-4, 2e-4, 2e-4, 1.0], dtype=torch.float64))
@@ -404,12 +393,6 @@ def test_tiny_spacing_unchanged_like_monai():
     assert torch.equal(ours.affine, ref.affine) and torch.allclose(ours.as_tensor(), ref.as_tensor())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transforms/spacing.py bug: the dense per-axis matrix multiplies every input voxel of a line, "
-    "0 * NaN = NaN, so one NaN/Inf voxel makes whole lines (planes, the volume) NaN; grid_sample only "
-    "spreads it to the outputs whose 2^d taps touch it",
-)
 def test_non_finite_voxel_stays_local_like_monai(ct: MetaTensor):
     img = ct[:, :64, :64, :24].clone()
     img[0, 30, 30, 10] = float("nan")

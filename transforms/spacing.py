@@ -7,7 +7,9 @@ scan without oblique direction cosines), linear interpolation is separable: one 
 interpolation matrix per axis, applied with matrix products. :class:`SeparableResample` does that and
 gives the values ``grid_sample`` gives (bilinear/trilinear, ``border`` or ``zeros`` padding) up to
 rounding, with the same metadata and the same inverse; every other case (rotations, ``nearest``, spline
-orders, ``reflection`` padding, lazy mode, MONAI's compiled backend) goes to MONAI's own path unchanged.
+orders, ``reflection`` padding, lazy mode, MONAI's compiled backend, strong shrinking where
+``grid_sample`` is cheaper, NaN/inf voxels, unit-size axes with ``align_corners``) goes to MONAI's own
+path unchanged.
 """
 
 from __future__ import annotations
@@ -145,7 +147,13 @@ class SeparableResample(SpatialResample):
     :func:`separable_linear_resample` (same arguments, values equal up to rounding, same metadata)."""
 
     def _plan(
-        self, img: torch.Tensor, dst_affine: Any, spatial_size: Any, mode: Any, padding_mode: Any
+        self,
+        img: torch.Tensor,
+        dst_affine: Any,
+        spatial_size: Any,
+        mode: Any,
+        padding_mode: Any,
+        align_corners: bool,
     ) -> tuple[torch.Tensor, np.ndarray, list[int]] | None:
         """(source affine, voxel map, output size) when the fast path applies, else ``None``."""
         if USE_COMPILED or isinstance(mode, int) or _mode_name(mode) != "bilinear":
@@ -175,10 +183,17 @@ class SeparableResample(SpatialResample):
         off = lin - np.diag(np.diag(lin))
         if np.any(np.abs(off) @ np.maximum(np.asarray(size) - 1, 0) > _POSITION_TOL):
             return None
-        if np.allclose(xform, np.eye(rank + 1), atol=_AFFINE_TOL) and size == in_size:
+        if size == in_size and (
+            np.allclose(xform, np.eye(rank + 1), atol=_AFFINE_TOL)
+            or np.allclose(src.numpy(), dst.numpy(), atol=_AFFINE_TOL)
+        ):
             return None  # MONAI returns the image unresampled: let it
+        if align_corners and 1 in (*in_size, *size):
+            return None  # grid_sample's normalisation of unit-size axes is special-cased: keep MONAI's
         if not separable_is_cheaper(int(img.shape[0]), in_size, size):
             return None
+        if img.is_floating_point() and not bool(torch.isfinite(img.as_tensor().sum(dtype=torch.float64))):
+            return None  # NaN/inf: a matrix product spreads them along whole lines, grid_sample does not
         return src, xform, size
 
     def __call__(  # type: ignore[override]
@@ -195,7 +210,8 @@ class SeparableResample(SpatialResample):
         mode = self.mode if mode is None else mode
         padding_mode = self.padding_mode if padding_mode is None else padding_mode
         lazy_ = self.lazy if lazy is None else lazy
-        plan = None if lazy_ else self._plan(img, dst_affine, spatial_size, mode, padding_mode)
+        align = bool(self.align_corners if align_corners is None else align_corners)
+        plan = None if lazy_ else self._plan(img, dst_affine, spatial_size, mode, padding_mode, align)
         if plan is None:
             return super().__call__(
                 img, dst_affine, spatial_size, mode, padding_mode, align_corners, dtype, lazy
