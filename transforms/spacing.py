@@ -192,7 +192,7 @@ class SeparableResample(SpatialResample):
             return None  # grid_sample's normalisation of unit-size axes is special-cased: keep MONAI's
         if not separable_is_cheaper(int(img.shape[0]), in_size, size):
             return None
-        if img.is_floating_point() and not bool(torch.isfinite(img.as_tensor().sum(dtype=torch.float64))):
+        if img.is_floating_point() and not bool(torch.isfinite(img.as_tensor().sum())):
             return None  # NaN/inf: a matrix product spreads them along whole lines, grid_sample does not
         return src, xform, size
 

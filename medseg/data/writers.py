@@ -23,7 +23,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import ImageWriter, MetaTensor, NibabelWriter
+from monai.data import ImageWriter, MetaTensor
 from monai.data.utils import to_affine_nd
 from monai.utils import MetaKeys
 
@@ -92,16 +92,18 @@ def _integer_labels(arr: np.ndarray, what: str = "mask") -> np.ndarray:
     """Cast a label map to uint8 (labels <= 255) or uint16, refusing non-integer or negative values."""
     if arr.dtype == bool:
         return arr.astype(np.uint8)
-    if arr.dtype.kind == "f":
-        if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
-            raise ValueError(
-                f"{what} must hold integer labels (threshold probabilities or AsDiscrete(argmax=True) first)"
-            )
-    elif arr.dtype.kind not in "iu":
+    if arr.dtype.kind not in "fiu":
         raise ValueError(f"{what} has unsupported dtype {arr.dtype}")
-    if arr.size and arr.min() < 0:
-        raise ValueError(f"{what} has negative labels (min {arr.min()})")
-    top = int(arr.max()) if arr.size else 0
+    lo, hi = (arr.min(), arr.max()) if arr.size else (0, 0)  # NaN propagates into both
+    if arr.dtype.kind == "f" and (
+        not (np.isfinite(lo) and np.isfinite(hi)) or not np.array_equal(arr, np.rint(arr))
+    ):
+        raise ValueError(
+            f"{what} must hold integer labels (threshold probabilities or AsDiscrete(argmax=True) first)"
+        )
+    if lo < 0:
+        raise ValueError(f"{what} has negative labels (min {lo})")
+    top = int(hi)
     if top > np.iinfo(np.uint16).max:
         raise ValueError(f"{what} has labels above 65535 (max {top})")
     return arr.astype(np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16)
@@ -214,7 +216,10 @@ def write_nifti_mask(
         if dt.kind not in "iu" or (data.size and int(data.max()) > np.iinfo(dt).max):
             raise ValueError(f"{path}: dtype {dt} cannot hold the labels (max {int(data.max())})")
         data = data.astype(dt)
-    img = NibabelWriter.create_backend_obj(data, affine=affine, dtype=data.dtype)
+    # NIfTI stores x fastest: hand nibabel a Fortran-ordered array (one transposing copy) so that it
+    # writes contiguous slabs; MONAI's NibabelWriter.create_backend_obj would make it C-ordered again
+    img = nib.Nifti1Image(np.asfortranarray(data), to_affine_nd(3, np.asarray(affine, dtype=np.float64)))
+    img.set_data_dtype(data.dtype)
     img.set_sform(img.affine, code=1)  # as MONAI's NibabelWriter: scanner-based sform and qform
     img.set_qform(img.affine, code=1)
     with atomic_target(path, suffix) as tmp:
