@@ -3,8 +3,8 @@
 Generates ``--n`` CT volumes larger than the sample data (the sample CT cases resampled to
 ``--size``, with a little noise so no two are identical) as NIfTI, then times on the same cases:
 
-1. *pure prediction*: the sum over cases of ``inferer(image, network)`` alone (inputs preprocessed
-   beforehand, untimed): the floor any pipeline can reach;
+1. *pure prediction*: the sum over cases of the ``inferer(image, network)`` call alone (inputs
+   preprocessed and on the device beforehand, untimed): the floor any pipeline can reach;
 2. *sequential loop*: per case load + preprocess -> infer -> postprocess -> write NIfTI, one after the
    other (``BatchPredictor(workers=0)``, the same code path without overlap);
 3. *pipelined engine*: ``BatchPredictor(workers=W)`` (loading of the next cases and writing of finished
@@ -21,6 +21,7 @@ Uses ``bundles/unet_ct_3d`` with its ``models/model.pt`` (random weights when ab
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -54,6 +55,11 @@ def make_volumes(folder: Path, n: int, size: tuple[int, int, int], seed: int = 0
         nib.save(nib.Nifti1Image(big.astype(np.int16), affine), path)
         out.append(path)
     return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -98,14 +104,21 @@ def main() -> None:
         from medseg.predict.discovery import discover_cases
 
         cases = discover_cases(src)
-        preps = [p._prepare(c, "") for c in cases]
+        batches = [p._prepare(c, "").batch for c in cases]
+        amp = torch.autocast("cuda", dtype=torch.float16) if p.amp else contextlib.nullcontext()
         pure = []
         for _ in range(args.repeats):
             total = 0.0
-            for prep in preps:
-                total += p._infer(prep)[1]
+            for batch in batches:
+                x = batch.to(p.device)
+                sync(p.device)
+                t = time.perf_counter()
+                with torch.no_grad(), amp:
+                    p.inferer(x, p.network)
+                sync(p.device)
+                total += time.perf_counter() - t
             pure.append(total)
-        del preps
+        del batches
         seq, eng = [], []
         stages: dict[str, list[dict[str, float]]] = {"seq": [], "engine": []}
         for r in range(args.repeats):
@@ -126,6 +139,7 @@ def main() -> None:
             "size": args.size,
             "workers": args.workers,
             "device": str(p.device),
+            "omp_env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
             "pure_prediction_s": pure,
             "sequential_s": seq,
             "engine_s": eng,
