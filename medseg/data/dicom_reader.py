@@ -50,6 +50,7 @@ from monai.data.utils import orientation_ras_lps
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys, ensure_tuple
 
 from medseg.data.errors import ReadError
+from medseg.data.transpose import transposed_copy
 
 __all__ = ["DicomReader", "DicomVolume", "KEPT_TAGS", "DICOM_SUFFIXES"]
 
@@ -637,7 +638,7 @@ class DicomReader(ImageReader):
                 dtype = np.dtype(np.float64)
         else:
             dtype = np.dtype(np.float32)
-        out = _transpose_zyx(raw, dtype, pool)
+        out = transposed_copy(raw, dtype, pool)
         if not trivial:  # integer wrap-around in *= cancels out: the final values fit ``dtype``
             if uniform:
                 if slopes[0] != 1:
@@ -796,37 +797,6 @@ def _read_sitk(s: _Slice, cache: dict[tuple[str, str], np.ndarray] | None = None
     if cache is not None and s.n_frames > 1:
         cache[key] = arr
     return arr[s.frame]
-
-
-_TILE = (64, 4, 64)  # (x, y, z) tile of the transposed copy: 32 KiB of int16, fits L1/L2
-
-
-def _transpose_zyx(raw: np.ndarray, dtype: np.dtype, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-    """C-contiguous ``(x, y, z[, c])`` copy of ``raw`` ``(z, y, x[, c])``, cast to ``dtype``.
-
-    Copied tile by tile so that the source and destination lines of a tile stay in cache: numpy's
-    plain transposed copy (``np.ascontiguousarray(raw.transpose(2, 1, 0))``) walks the source with a
-    whole-slice stride and is about 4x slower for a CT series. Slabs along x run on ``pool``.
-    """
-    nz, ny, nx = raw.shape[:3]
-    out = np.empty((nx, ny, nz, *raw.shape[3:]), dtype=dtype)
-    perm = (2, 1, 0, *range(3, raw.ndim))
-    tx, ty, tz = _TILE
-
-    def slab(x0: int) -> None:
-        x1 = x0 + tx
-        for y0 in range(0, ny, ty):
-            y1 = y0 + ty
-            for z0 in range(0, nz, tz):
-                src = raw[z0 : z0 + tz, y0:y1, x0:x1].transpose(perm)
-                np.copyto(out[x0:x1, y0:y1, z0 : z0 + tz], src, casting="unsafe")
-
-    if pool is None or nx <= tx:
-        for x0 in range(0, nx, tx):
-            slab(x0)
-    else:
-        list(pool.map(slab, range(0, nx, tx)))
-    return out
 
 
 def _resample_slices(

@@ -29,6 +29,7 @@ from monai.utils import MetaKeys
 
 from medseg._version import __version__
 from medseg.data.errors import ReadError
+from medseg.data.transpose import transposed_copy
 
 __all__ = [
     "DICOM_SERIES_UID_KEY",
@@ -216,9 +217,10 @@ def write_nifti_mask(
         if dt.kind not in "iu" or (data.size and int(data.max()) > np.iinfo(dt).max):
             raise ValueError(f"{path}: dtype {dt} cannot hold the labels (max {int(data.max())})")
         data = data.astype(dt)
-    # NIfTI stores x fastest: hand nibabel a Fortran-ordered array (one transposing copy) so that it
-    # writes contiguous slabs; MONAI's NibabelWriter.create_backend_obj would make it C-ordered again
-    img = nib.Nifti1Image(np.asfortranarray(data), to_affine_nd(3, np.asarray(affine, dtype=np.float64)))
+    # NIfTI stores x fastest: hand nibabel a Fortran-ordered array (one tiled transposing copy) so that
+    # it writes contiguous slabs; MONAI's NibabelWriter.create_backend_obj would make it C-ordered again
+    fortran = transposed_copy(data).T if data.ndim >= 3 else np.asfortranarray(data)
+    img = nib.Nifti1Image(fortran, to_affine_nd(3, np.asarray(affine, dtype=np.float64)))
     img.set_data_dtype(data.dtype)
     img.set_sform(img.affine, code=1)  # as MONAI's NibabelWriter: scanner-based sform and qform
     img.set_qform(img.affine, code=1)

@@ -566,10 +566,8 @@ class BatchPredictor:
             else:
                 todo.append((case, fp))
 
-        # On CPU the cores belong to inference: loader/writer threads run their torch ops single-threaded
-        # (per-thread OpenMP setting), so they fill inference's idle gaps instead of oversubscribing.
         threads = torch.get_num_threads()
-        init = functools.partial(torch.set_num_threads, 1) if self.device.type == "cpu" else None
+        init = _background_thread if self.device.type == "cpu" else None
         pool = functools.partial(ThreadPoolExecutor, initializer=init)
         loaders = pool(self.workers, thread_name_prefix="medseg-load") if self.workers else None
         writers = pool(self.writers, thread_name_prefix="medseg-write") if self.workers else None
@@ -638,6 +636,12 @@ class BatchPredictor:
             write_report(self.rows, self.output_dir, summary, shard)
         self.exit_code = exit_code(self.rows)
         return self.rows
+
+
+def _background_thread() -> None:
+    """Loader/writer threads when inference runs on the CPU: the cores belong to inference, so their
+    torch ops run single-threaded (a per-thread OpenMP setting) instead of oversubscribing the cores."""
+    torch.set_num_threads(1)
 
 
 def _check_finite(x: Any, case: Case, what: str) -> None:
