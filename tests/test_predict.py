@@ -441,7 +441,7 @@ def test_cuda_run_matches_cpu(bundle: Path, tmp_path: Path) -> None:
 
 
 def test_engine_postprocessing_equals_the_bundles(bundle: Path, tmp_path: Path) -> None:
-    """The engine's postprocessing (savers dropped, AsDiscreted's argmax as ``max().indices``) gives the
+    """The engine's postprocessing (savers dropped, AsDiscreted's argmax by ``channel_argmax``) gives the
     same label map as the bundle's own MONAI transforms, ties included, on a real case."""
     from monai.transforms import AsDiscreted, Compose, SaveImaged
 
@@ -461,3 +461,16 @@ def test_engine_postprocessing_equals_the_bundles(bundle: Path, tmp_path: Path) 
     assert fast.shape == ref.shape == (1, *nib.load(case.path).shape)
     assert torch.equal(fast.as_tensor(), ref.as_tensor()) and torch.equal(fast.affine, ref.affine)
     assert 0 < int(ref.sum()) < ref.numel()  # both labels present: the comparison can fail
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 5])
+def test_channel_argmax_equals_torch_argmax(channels: int) -> None:
+    from medseg.predict.engine import channel_argmax
+
+    x = torch.randn(channels, 9, 8, 7, generator=torch.Generator().manual_seed(channels))
+    x[:, :3] = 0.5  # exact ties: the first maximal channel wins
+    for dim in range(x.ndim):
+        for keepdim in (True, False):
+            out = channel_argmax(x, dim=dim, keepdim=keepdim)
+            ref = torch.argmax(x, dim=dim, keepdim=keepdim)
+            assert out.dtype == ref.dtype and torch.equal(out, ref)
