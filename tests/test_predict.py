@@ -451,7 +451,7 @@ def test_engine_postprocessing_equals_the_bundles(bundle: Path, tmp_path: Path) 
     *head, last = predictor.postprocessing.transforms
     assert isinstance(last, AsDiscreted) and type(last.converter).__name__ != "AsDiscrete"
     assert not any(isinstance(t, SaveImaged) for t in head)
-    stock = Compose([*head, AsDiscreted("pred", argmax=True)])  # the bundle's last step, MONAI's own
+    stock = Compose([*head, AsDiscreted("pred", argmax=True, **last.converter.kwargs)])  # MONAI's own
     case = next(c for c in discover_cases(CT / "images") if c.id.startswith("case_001"))
     prep = predictor._prepare(case, "")
     pred, _ = predictor._infer(prep)
@@ -459,6 +459,7 @@ def test_engine_postprocessing_equals_the_bundles(bundle: Path, tmp_path: Path) 
     fast = predictor.postprocessing({**prep.data, "pred": pred.clone()})["pred"]
     ref = stock({**prep.data, "pred": pred.clone()})["pred"]
     assert fast.shape == ref.shape == (1, *nib.load(case.path).shape)
+    assert fast.dtype == ref.dtype == torch.uint8  # the bundle's AsDiscreted dtype, no detour via int64
     assert torch.equal(fast.as_tensor(), ref.as_tensor()) and torch.equal(fast.affine, ref.affine)
     assert 0 < int(ref.sum()) < ref.numel()  # both labels present: the comparison can fail
 
