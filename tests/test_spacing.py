@@ -140,6 +140,7 @@ def fast_path_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
         ((23, 17), (9, 40)),  # 2D, dense branch only
         ((11, 200, 9), (17, 260, 5)),  # 3D, gather branch enlarging, dense on the others
         ((13, 14, 15), (20, 9, 15)),
+        ((70, 30, 20), (150, 25, 21)),  # 3D, first axis: banded dense blocks (lines of >= 256 voxels)
     ],
 )
 def test_kernel_matches_grid_sample(padding_mode: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]):

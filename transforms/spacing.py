@@ -43,6 +43,7 @@ _AFFINE_TOL = 1e-3  # MONAI's AFFINE_TOL: below it the image is returned without
 
 
 _DENSE_MAX = 192  # axes up to this input length use a dense interpolation matrix, longer ones two gathers
+_BAND_ROWS, _BAND_MIN_POST = 32, 256  # dense matrix in blocks of rows when the lines are this long
 # rough CPU costs (ns) behind the choice between this path and grid_sample: per multiply-add of a dense
 # pass, per output element of a gather pass, per output voxel and channel of grid_sample
 _NS_MAC, _NS_GATHER, _NS_GRID = 0.01, 6.0, 20.0
@@ -82,8 +83,20 @@ def _resample_axis(
         mat = np.zeros((n_out, n_in), dtype=np.float64)
         np.add.at(mat, (np.arange(n_out), lo), w_lo)
         np.add.at(mat, (np.arange(n_out), hi), w_hi)
-        m = torch.as_tensor(mat, dtype=y.dtype, device=y.device)
-        out = y.reshape(pre, n_in) @ m.T if post == 1 else m @ y.reshape(pre, n_in, post)
+        if post == 1:
+            m = torch.as_tensor(mat, dtype=y.dtype, device=y.device)
+            return (y.reshape(pre, n_in) @ m.T).reshape(shape)
+        y3 = y.reshape(pre, n_in, post)
+        if post < _BAND_MIN_POST:
+            return (torch.as_tensor(mat, dtype=y.dtype, device=y.device) @ y3).reshape(shape)
+        # banded: each block of output rows only needs the input rows between its taps (the matrix
+        # is zero elsewhere), e.g. ~18 of 95 rows when enlarging 2x: 2-3x fewer multiply-adds
+        out = torch.empty((pre, n_out, post), dtype=y.dtype, device=y.device)
+        for o0 in range(0, n_out, _BAND_ROWS):
+            o1 = min(o0 + _BAND_ROWS, n_out)
+            i0, i1 = int(lo[o0:o1].min()), int(hi[o0:o1].max()) + 1
+            block = torch.as_tensor(mat[o0:o1, i0:i1], dtype=y.dtype, device=y.device)
+            torch.matmul(block, y3[:, i0:i1, :], out=out[:, o0:o1, :])
         return out.reshape(shape)
     y3 = y.reshape(pre, n_in, post)
     dev = y.device
