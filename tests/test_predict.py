@@ -440,28 +440,52 @@ def test_cuda_run_matches_cpu(bundle: Path, tmp_path: Path) -> None:
     assert (res["cpu"] != res["cuda"]).mean() < 1e-3
 
 
-def test_engine_postprocessing_equals_the_bundles(bundle: Path, tmp_path: Path) -> None:
-    """The engine's postprocessing (savers dropped, AsDiscreted's argmax by ``channel_argmax``) gives the
-    same label map as the bundle's own MONAI transforms, ties included, on a real case."""
-    from monai.transforms import AsDiscreted, Compose, SaveImaged
+def test_foreground_threshold_equals_argmax_of_inverted_probabilities(bundle: Path, tmp_path: Path) -> None:
+    """unet_ct_3d inverts only the foreground probability and keeps voxels where it is >= 0.5: on a real
+    case that is the label map of the usual chain (both probabilities inverted, then argmax) except where
+    the model is undecided (the two probabilities tie), which the threshold gives to the foreground."""
+    from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, Lambdad, SaveImaged
 
     from medseg.predict.discovery import discover_cases
 
     predictor = BatchPredictor.from_bundle(bundle, tmp_path, config_file=_configs(bundle), progress=False)
-    *head, last = predictor.postprocessing.transforms
-    assert isinstance(last, AsDiscreted) and type(last.converter).__name__ != "AsDiscrete"
-    assert not any(isinstance(t, SaveImaged) for t in head)
-    stock = Compose([*head, AsDiscreted("pred", argmax=True, **last.converter.kwargs)])  # MONAI's own
+    steps = predictor.postprocessing.transforms
+    assert [type(t) for t in steps] == [Activationsd, Lambdad, Invertd, AsDiscreted]  # SaveImaged dropped
+    assert not any(isinstance(t, SaveImaged) for t in steps)
+    act, _, inv, _ = steps
     case = next(c for c in discover_cases(CT / "images") if c.id.startswith("case_001"))
     prep = predictor._prepare(case, "")
     pred, _ = predictor._infer(prep)
-    pred[:, :4] = 0.0  # exact ties: both must pick the first channel
-    fast = predictor.postprocessing({**prep.data, "pred": pred.clone()})["pred"]
-    ref = stock({**prep.data, "pred": pred.clone()})["pred"]
-    assert fast.shape == ref.shape == (1, *nib.load(case.path).shape)
-    assert fast.dtype == ref.dtype == torch.uint8  # the bundle's AsDiscreted dtype, no detour via int64
-    assert torch.equal(fast.as_tensor(), ref.as_tensor()) and torch.equal(fast.affine, ref.affine)
+    ours = predictor.postprocessing({**prep.data, "pred": pred.clone()})["pred"]
+    probs = Compose([act, inv])({**prep.data, "pred": pred.clone()})["pred"]  # both, on the source grid
+    ref = AsDiscreted("pred", argmax=True, dtype=torch.uint8)({"pred": probs})["pred"]
+    assert ours.dtype == torch.uint8 and ours.shape == ref.shape == (1, *nib.load(case.path).shape)
+    assert torch.equal(ours.affine, ref.affine)
+    differ = (ours != ref).as_tensor()[0]
+    undecided = ((probs[1] - probs[0]).abs() <= 1e-6).as_tensor()
+    assert not (differ & ~undecided).any()  # every difference is a (near) tie of the two probabilities
     assert 0 < int(ref.sum()) < ref.numel()  # both labels present: the comparison can fail
+
+
+def test_engine_postprocessing_drops_savers_and_speeds_up_argmax(tmp_path: Path) -> None:
+    """SaveImage(d) are dropped (the engine writes atomically itself) and AsDiscrete(d)'s argmax becomes
+    channel_argmax: the same labels as MONAI's, ties included, in the transform's dtype."""
+    from monai.data import MetaTensor
+    from monai.transforms import AsDiscrete, AsDiscreted, Compose, SaveImaged
+
+    from medseg.predict.engine import _prepare_postprocessing
+
+    saver = SaveImaged("pred", output_dir=tmp_path)
+    original = Compose([AsDiscreted("pred", argmax=True, dtype=torch.uint8), saver])
+    fast = _prepare_postprocessing(original)
+    assert len(fast.transforms) == 1 and type(fast.transforms[0].converter) is not AsDiscrete
+    assert type(original.transforms[0].converter) is AsDiscrete and len(original.transforms) == 2  # untouched
+    x = torch.randn(2, 20, 21, 22, generator=torch.Generator().manual_seed(0))
+    x[:, :5] = 0.25  # ties
+    ours = fast({"pred": MetaTensor(x.clone())})["pred"]
+    ref = AsDiscrete(argmax=True, dtype=torch.uint8)(MetaTensor(x.clone()))
+    assert ours.dtype == ref.dtype == torch.uint8 and torch.equal(ours.as_tensor(), ref.as_tensor())
+    assert not list(tmp_path.iterdir())  # nothing saved
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 5])
