@@ -136,20 +136,28 @@ def test_nifti_dtypes_and_bad_masks(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["big.nii.gz", "ok.nii.gz"]
 
 
-def test_nifti_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_nifti_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    import medseg.data.writers as writers
+
     img = _load_nifti(ANATOMICAL)
-    out = tmp_path / "mask.nii.gz"
+    out = tmp_path / f"mask{suffix}"
     write_nifti_mask(_threshold_mask(img), None, out)
     before = out.read_bytes()
+    assert nib.load(out).shape == img.shape[1:]
 
     def broken_save(obj: nib.Nifti1Image, filename: str) -> None:
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(nib, "save", broken_save)
+    def broken_compress(data: bytes, level: int = 1) -> bytes:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", broken_save)  # .nii
+    monkeypatch.setattr(writers, "gzip_compress", broken_compress)  # .nii.gz
     with pytest.raises(OSError, match="disk full"):
         write_nifti_mask(torch.zeros_like(img, dtype=torch.uint8), None, out)
-    assert out.read_bytes() == before and os.listdir(tmp_path) == ["mask.nii.gz"]
+    assert out.read_bytes() == before and os.listdir(tmp_path) == [out.name]
 
 
 def test_mask_to_source_grid_2d_mat(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""medseg.data: DICOM / .mat readers registered with MONAI's ``LoadImage``, writers, sample data.
+"""medseg.data: DICOM / .mat readers registered with MONAI's ``LoadImage``, a faster NIfTI reader, writers,
+sample data.
 
 Import-light: ``import medseg.data`` imports neither MONAI nor pydicom; the readers load on first
 attribute access, and :mod:`medseg.data.registration` hooks them into ``LoadImage`` as soon as MONAI's
@@ -16,6 +17,7 @@ _LAZY: dict[str, str] = {
     "DicomReader": "medseg.data.dicom_reader",
     "DicomVolume": "medseg.data.dicom_reader",
     "MatReader": "medseg.data.mat_reader",
+    "NiftiReader": "medseg.data.nifti_reader",
     "register_readers": "medseg.data.registration",
     "load_datalist": "medseg.data.datalist",
     **{

@@ -304,6 +304,7 @@ class BatchPredictor:
                     lazy=getattr(preprocessing, "lazy", False),
                     overrides=getattr(preprocessing, "overrides", None),
                 )
+        self._nifti_loader = _fast_nifti_loader(self._load._loader) if self._load is not None else None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.rows: list[CaseResult] = []
@@ -396,6 +397,8 @@ class BatchPredictor:
                     ensure_channel_first=getattr(base, "ensure_channel_first", False),
                 )
                 data: dict[str, Any] = {key: loader(case.path)}
+            elif self._nifti_loader is not None and case.path.lower().endswith(".nii.gz"):
+                data = {key: self._nifti_loader(case.path)}
             else:
                 data = dict(self._load({key: case.path}))
             source = data[key]
@@ -658,6 +661,36 @@ def _background_thread() -> None:
     """Loader/writer threads when inference runs on the CPU: the cores belong to inference, so their
     torch ops run single-threaded (a per-thread OpenMP setting) instead of oversubscribing the cores."""
     torch.set_num_threads(1)
+
+
+def _fast_nifti_loader(loader: Any) -> Any:
+    """A ``LoadImage`` like the bundle's, reading ``.nii.gz`` with :class:`~medseg.data.NiftiReader`
+    (MONAI's ``NibabelReader`` settings carried over); ``None`` when the bundle names its own reader."""
+    from monai.data import NibabelReader
+    from monai.transforms import LoadImage
+
+    from medseg.data.nifti_reader import NiftiReader
+
+    if not getattr(loader, "auto_select", False):
+        return None
+    base = next((r for r in reversed(loader.readers) if type(r) is NibabelReader), None)
+    if base is None:
+        return None
+    reader = NiftiReader(
+        channel_dim=base.channel_dim,
+        as_closest_canonical=base.as_closest_canonical,
+        squeeze_non_spatial_dims=base.squeeze_non_spatial_dims,
+        **base.kwargs,
+    )
+    return LoadImage(
+        reader=reader,
+        image_only=True,
+        dtype=loader.dtype,
+        ensure_channel_first=loader.ensure_channel_first,
+        simple_keys=loader.simple_keys,
+        prune_meta_pattern=loader.pattern,
+        prune_meta_sep=loader.sep,
+    )
 
 
 def _check_finite(x: Any, case: Case, what: str) -> None:
