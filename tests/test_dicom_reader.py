@@ -103,6 +103,34 @@ def test_folder_with_several_series_picks_largest_and_logs(
         load(tmp_path, series_uid="1.2.3.4")
 
 
+def test_files_restrict_the_header_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``files=``: a caller that knows a series' files (medseg predict) spares every other header."""
+    import medseg.data.dicom_reader as dr
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for sub in ("98892001/CT5N", "98892001/CT2N"):  # one folder, two series
+        for f in (DIRS / sub).iterdir():
+            shutil.copy(f, flat / f"{sub.split('/')[1]}_{f.name}")
+    ct5n = sorted(p.name for p in flat.iterdir() if p.name.startswith("CT5N"))
+    scanned: list[str] = []
+    real_scan = dr._scan_header
+
+    def spy(path: str):
+        scanned.append(os.path.basename(path))
+        return real_scan(path)
+
+    monkeypatch.setattr(dr, "_scan_header", spy)
+    reader = DicomReader(files=ct5n)  # names relative to the folder
+    arr, meta = reader.get_data(reader.read(flat))
+    assert arr.shape == (16, 16, 5) and sorted(scanned) == ct5n
+    ref, ref_meta = load(DIRS / "98892001" / "CT5N")
+    assert np.array_equal(arr, ref) and np.allclose(meta["affine"], ref_meta["affine"])
+    scanned.clear()
+    reader = DicomReader(files=[flat / n for n in ct5n])  # absolute paths
+    assert reader.get_data(reader.read(flat))[0].shape == (16, 16, 5) and sorted(scanned) == ct5n
+
+
 def test_gap_is_an_error_by_default_and_accept_resample_on_request() -> None:
     folder = DIRS / "77654033" / "CT2"
     with pytest.raises(ReadError) as err:

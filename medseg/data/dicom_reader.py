@@ -336,6 +336,9 @@ class DicomReader(ImageReader):
             (every pixel through SimpleITK/GDCM).
         gap_tolerance: relative tolerance on the slice step before it counts as non-uniform.
         num_workers: threads for header scanning and pixel reading (default: ``min(8, cpus + 2)``).
+        files: for a folder, scan only these files (absolute, or relative to the folder) instead of
+            listing it: a caller that already knows which files make the series (``medseg predict``'s
+            case discovery) spares the header scan of every other series in the folder.
     """
 
     def __init__(
@@ -348,6 +351,7 @@ class DicomReader(ImageReader):
         decoder: Literal["auto", "simpleitk"] = "auto",
         gap_tolerance: float = 0.01,
         num_workers: int | None = None,
+        files: Sequence[PathLike] | None = None,
     ) -> None:
         super().__init__()
         if on_gap not in ("error", "accept", "resample"):
@@ -362,6 +366,7 @@ class DicomReader(ImageReader):
         self.decoder = decoder
         self.gap_tolerance = gap_tolerance
         self.num_workers = num_workers or min(8, (os.cpu_count() or 1) + 2)
+        self.files = None if files is None else [os.fspath(f) for f in files]
 
     # ------------------------------------------------------------------ ImageReader API
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
@@ -446,7 +451,10 @@ class DicomReader(ImageReader):
         return DicomVolume(array=array, meta=meta)
 
     def _pick_series(self, folder: str, series_uid: str | None) -> tuple[list[_Slice], str]:
-        files = _list_files(folder, self.recursive)
+        if self.files is None:
+            files = _list_files(folder, self.recursive)
+        else:
+            files = sorted(os.path.join(folder, f) for f in self.files)  # absolute paths stay as they are
         if not files:
             raise ReadError(folder, "empty folder (no files)")
         with ThreadPoolExecutor(self.num_workers) as pool:

@@ -390,8 +390,10 @@ class BatchPredictor:
                 from medseg.data.dicom_reader import DicomReader
 
                 base = self._load._loader
+                # a discovered series: its files are known, so the reader scans no other series' headers
+                files = case.files if case.series_uid else None
                 loader = LoadImage(
-                    reader=DicomReader(series_uid=case.series_uid, recursive=False),
+                    reader=DicomReader(series_uid=case.series_uid, recursive=False, files=files),
                     image_only=True,
                     dtype=getattr(base, "dtype", np.float32),
                     ensure_channel_first=getattr(base, "ensure_channel_first", False),
