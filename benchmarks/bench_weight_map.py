@@ -12,33 +12,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from medseg.transforms import UNetWeightMap, separate_instances, unet_weight_map
-from scipy import ndimage
 
-
-def synthetic_instances(shape: tuple[int, ...], n: int, rmin: float, rmax: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    pts = np.stack([rng.integers(0, s, n) for s in shape], 1)
-    seeds = np.zeros(shape, np.int32)
-    seeds[tuple(pts.T)] = np.arange(1, n + 1)
-    dist, idx = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
-    nearest = seeds[tuple(idx)]
-    radius = rng.uniform(rmin, rmax, n + 1)
-    return np.where(dist < radius[nearest], nearest, 0)
-
-
-def naive_weight_map(lab: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -> np.ndarray:
-    ids = [i for i in np.unique(lab) if i]
-    d = np.stack([ndimage.distance_transform_edt(lab != i) for i in ids])
-    d.sort(axis=0)
-    fg = lab > 0
-    n_fg, n_bg = fg.sum(), (~fg).sum()
-    w_c = np.where(fg, min(n_fg, n_bg) / n_fg, min(n_fg, n_bg) / n_bg)
-    return (w_c + w0 * np.exp(-((d[0] + d[1]) ** 2) / (2 * sigma**2)) * ~fg).astype(np.float32)
+# the synthetic image and the naive reference are the ones the exactness tests use
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_weight_map import naive_weight_map, synthetic_instances  # noqa: E402
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -76,8 +60,8 @@ def main() -> None:
         f"{np.count_nonzero(lab) - np.count_nonzero(sep)} gap pixels, foreground {np.mean(sep > 0):.0%}"
     )
 
-    ref = naive_weight_map(sep)
-    t_naive = median_time(lambda: naive_weight_map(sep), args.naive_repeats)
+    ref = naive_weight_map(sep, 10.0, 5.0)
+    t_naive = median_time(lambda: naive_weight_map(sep, 10.0, 5.0), args.naive_repeats)
     print(row("naive reference (full EDT per instance)", t_naive))
     for tol in (1e-3, 1e-4, 1e-6):
         err = float(np.abs(unet_weight_map(sep, separate=False, tolerance=tol) - ref).max())

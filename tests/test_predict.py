@@ -381,49 +381,14 @@ def test_sigkill_then_resume(bundle: Path, tmp_path: Path) -> None:
 def test_cli_setup_errors_exit_2(bundle: Path, tmp_path: Path) -> None:
     from medseg.cli import main
 
-    assert (
-        main(
-            [
-                "predict",
-                "--bundle",
-                str(bundle),
-                "--input",
-                str(tmp_path / "nope"),
-                "--output",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
-    )
+    def predict(bundle_dir: Path, inp: Path) -> int:
+        out = tmp_path / "o"
+        return main(["predict", "--bundle", str(bundle_dir), "--input", str(inp), "--output", str(out)])
+
+    assert predict(bundle, tmp_path / "nope") == 2  # no such input
     (tmp_path / "emptyin").mkdir()
-    assert (
-        main(
-            [
-                "predict",
-                "--bundle",
-                str(bundle),
-                "--input",
-                str(tmp_path / "emptyin"),
-                "--output",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
-    )
-    assert (
-        main(
-            [
-                "predict",
-                "--bundle",
-                str(tmp_path),
-                "--input",
-                str(CT / "images"),
-                "--output",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
-    )
+    assert predict(bundle, tmp_path / "emptyin") == 2  # no cases
+    assert predict(tmp_path, CT / "images") == 2  # not a bundle
     assert main(["predict", "--output", str(tmp_path / "o"), "--merge-reports"]) == 3
 
 

@@ -222,7 +222,6 @@ def write_nifti_mask(
     # it writes contiguous slabs; MONAI's NibabelWriter.create_backend_obj would make it C-ordered again
     fortran = transposed_copy(data).T if data.ndim >= 3 else np.asfortranarray(data)
     img = nib.Nifti1Image(fortran, to_affine_nd(3, np.asarray(affine, dtype=np.float64)))
-    img.set_data_dtype(data.dtype)
     img.set_sform(img.affine, code=1)  # as MONAI's NibabelWriter: scanner-based sform and qform
     img.set_qform(img.affine, code=1)
     with atomic_target(path, suffix) as tmp:

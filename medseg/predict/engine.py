@@ -385,20 +385,12 @@ class BatchPredictor:
         key = self.image_key
         if self._load is not None:
             if case.is_dicom:
-                from monai.transforms import LoadImage
-
                 from medseg.data.dicom_reader import DicomReader
 
-                base = self._load._loader
                 # a discovered series: its files are known, so the reader scans no other series' headers
                 files = case.files if case.series_uid else None
-                loader = LoadImage(
-                    reader=DicomReader(series_uid=case.series_uid, recursive=False, files=files),
-                    image_only=True,
-                    dtype=getattr(base, "dtype", np.float32),
-                    ensure_channel_first=getattr(base, "ensure_channel_first", False),
-                )
-                data: dict[str, Any] = {key: loader(case.path)}
+                reader = DicomReader(series_uid=case.series_uid, recursive=False, files=files)
+                data: dict[str, Any] = {key: _loader_like(self._load._loader, reader)(case.path)}
             elif self._nifti_loader is not None and case.path.lower().endswith(".nii.gz"):
                 data = {key: self._nifti_loader(case.path)}
             else:
@@ -669,7 +661,6 @@ def _fast_nifti_loader(loader: Any) -> Any:
     """A ``LoadImage`` like the bundle's, reading ``.nii.gz`` with :class:`~medseg.data.NiftiReader`
     (MONAI's ``NibabelReader`` settings carried over); ``None`` when the bundle names its own reader."""
     from monai.data import NibabelReader
-    from monai.transforms import LoadImage
 
     from medseg.data.nifti_reader import NiftiReader
 
@@ -684,14 +675,22 @@ def _fast_nifti_loader(loader: Any) -> Any:
         squeeze_non_spatial_dims=base.squeeze_non_spatial_dims,
         **base.kwargs,
     )
+    return _loader_like(loader, reader)
+
+
+def _loader_like(loader: Any, reader: Any) -> Any:
+    """A ``LoadImage`` with the bundle's ``loader`` settings (dtype, channel-first, metadata pruning) and
+    the given ``reader``: how the engine loads DICOM series and ``.nii.gz`` files."""
+    from monai.transforms import LoadImage
+
     return LoadImage(
         reader=reader,
         image_only=True,
-        dtype=loader.dtype,
-        ensure_channel_first=loader.ensure_channel_first,
-        simple_keys=loader.simple_keys,
-        prune_meta_pattern=loader.pattern,
-        prune_meta_sep=loader.sep,
+        dtype=getattr(loader, "dtype", np.float32),
+        ensure_channel_first=getattr(loader, "ensure_channel_first", False),
+        simple_keys=getattr(loader, "simple_keys", False),
+        prune_meta_pattern=getattr(loader, "pattern", None),
+        prune_meta_sep=getattr(loader, "sep", "."),
     )
 
 
