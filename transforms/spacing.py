@@ -222,16 +222,17 @@ class SeparableResample(SpatialResample):
     ) -> torch.Tensor:
         mode = self.mode if mode is None else mode
         padding_mode = self.padding_mode if padding_mode is None else padding_mode
+        align_corners = self.align_corners if align_corners is None else align_corners
         lazy_ = self.lazy if lazy is None else lazy
-        align = bool(self.align_corners if align_corners is None else align_corners)
-        plan = None if lazy_ else self._plan(img, dst_affine, spatial_size, mode, padding_mode, align)
+        plan = None
+        if not lazy_:
+            plan = self._plan(img, dst_affine, spatial_size, mode, padding_mode, bool(align_corners))
         if plan is None:
             return super().__call__(
                 img, dst_affine, spatial_size, mode, padding_mode, align_corners, dtype, lazy
             )  # fmt: skip
         src, xform, size = plan
         dtype_pt = get_equivalent_dtype(dtype or self.dtype or img.dtype, torch.Tensor)
-        align_corners = self.align_corners if align_corners is None else align_corners
         rank = len(size)
         extra_info = {  # what MONAI's spatial_resample records, so that inverse() and Invertd work alike
             "dtype": str(dtype_pt)[6:],
