@@ -21,6 +21,10 @@ from medseg._version import __version__
 _LAZY: dict[str, str] = {
     "UNet": "medseg.networks",
     "OverlapTileInferer": "medseg.inferers",
+    "MixedPrecisionInferer": "medseg.inferers",
+    "Precision": "medseg.precision",
+    "resolve_precision": "medseg.precision",
+    "prepare_network": "medseg.precision",
     "DicomReader": "medseg.data",
     "MatReader": "medseg.data",
     "ReadError": "medseg.data",

@@ -164,6 +164,7 @@ def _check_model(bundle: Path) -> dict[str, torch.Tensor]:
     sd = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert isinstance(sd, dict), "model.pt is not a state dict"
     assert all(isinstance(v, torch.Tensor) for v in sd.values()), "model.pt is not a plain state dict"
+    assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point()), "weights not fp32"
     return sd
 
 

@@ -1,4 +1,5 @@
-"""Tests for medseg.inferers.OverlapTileInferer (issue 6): exact overlap-tile for valid-conv U-Nets."""
+"""Tests for medseg.inferers.OverlapTileInferer: exact overlap-tile for valid-conv U-Nets (paper Fig. 2),
+and its reduced-precision path."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ from medseg.inferers import OverlapTileInferer, mirror_index
 from medseg.networks import UNet
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def fp32_auto(monkeypatch: pytest.MonkeyPatch):
+    """Tiling exactness is an fp32 property: ``precision="auto"`` resolves to fp32 here (the CPU's bf16 is
+    forced off, as on a CPU without it); the precision tests below ask for bf16 explicitly."""
+    from medseg.precision import cpu_bf16_support
+
+    monkeypatch.setenv("MEDSEG_CPU_BF16", "0")
+    cpu_bf16_support.cache_clear()
+    yield
+    cpu_bf16_support.cache_clear()
 
 
 def _mirror_pad(x: torch.Tensor, lo: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
@@ -227,8 +240,8 @@ def test_bad_arguments_raise() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("amp_dtype", ["float16", "bfloat16"])
-def test_cuda_tiles_cpu_output_autocast(amp_dtype: str) -> None:
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_tiles_cpu_output_autocast(precision: str) -> None:
     torch.manual_seed(6)
     net = UNet(2, 1, 2, features=8, depth=3).eval()
     x = torch.randn(2, 1, 300, 211)
@@ -236,10 +249,10 @@ def test_cuda_tiles_cpu_output_autocast(amp_dtype: str) -> None:
         ref = _whole_valid(net, x)
         net = net.cuda()
         inferer = OverlapTileInferer(
-            124, sw_batch_size=4, sw_device="cuda", device="cpu", amp_dtype=amp_dtype
+            124, sw_batch_size=4, sw_device="cuda", device="cpu", precision=precision
         )
         y = inferer(x, net)
     assert y.device.type == "cpu" and y.dtype == torch.float32 and y.shape == ref.shape
-    tol = 0.05 if amp_dtype == "float16" else 0.2
+    tol = 0.05 if precision == "fp16" else 0.2
     assert (y - ref).abs().max().item() <= tol * ref.abs().max().item()
     assert (y.argmax(1) == ref.argmax(1)).float().mean().item() > 0.95

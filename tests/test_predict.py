@@ -398,7 +398,7 @@ def test_cuda_run_matches_cpu(bundle: Path, tmp_path: Path) -> None:
     res = {}
     for dev in ("cpu", "cuda"):
         p = BatchPredictor.from_bundle(
-            bundle, tmp_path / dev, config_file=_configs(bundle), device=dev, amp=False, progress=False
+            bundle, tmp_path / dev, config_file=_configs(bundle), device=dev, precision="fp32", progress=False
         )
         assert [r.status for r in p.run(items)] == ["ok"]
         res[dev] = nib.load(tmp_path / dev / "case_003_seg.nii.gz").get_fdata()

@@ -18,7 +18,6 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,11 @@ from monai.data.utils import compute_importance_map
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type, ensure_tuple_rep
 
+from medseg.precision import Precision, normalise_precision, resolve_precision
+
 __all__ = ["OverlapTileInferer"]
+
+_DDP = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
 
 _DTYPES = {
     "float16": torch.float16,
@@ -146,8 +149,10 @@ class OverlapTileInferer(Inferer):
         size_divisor: pooling grid (``2**depth``); default ``network.size_divisor`` or 1.
         sw_device: device of the tiles and the forward passes (default: the input's).
         device: device of the stitched output (default: the input's). E.g. tiles on CUDA, output on CPU.
-        amp: autocast the forward passes when ``sw_device`` is CUDA.
-        amp_dtype: autocast dtype, ``torch.float16`` or ``torch.bfloat16`` (or their names).
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (:mod:`medseg.precision`), resolved for
+            ``sw_device``: autocast of the forward passes, and on CPU channels-last tiles and weights (the
+            network's convolution weights are put in that layout in place, values unchanged). Outputs are
+            cast to ``output_dtype`` (float32) per tile, so flip averaging and stitching stay in fp32.
         output_dtype: dtype of the stitched output (``None``: the network's output dtype).
         flip_tta: average the predictions over all mirrorings of ``flip_axes`` (nnU-Net's test-time
             mirroring: 4 passes in 2D, 8 in 3D).
@@ -168,8 +173,7 @@ class OverlapTileInferer(Inferer):
         size_divisor: Sequence[int] | int | None = None,
         sw_device: torch.device | str | None = None,
         device: torch.device | str | None = None,
-        amp: bool = True,
-        amp_dtype: torch.dtype | str = torch.float16,
+        precision: str | Precision = "auto",
         output_dtype: torch.dtype | str | None = torch.float32,
         flip_tta: bool = False,
         flip_axes: Sequence[int] | None = None,
@@ -192,8 +196,7 @@ class OverlapTileInferer(Inferer):
         self.size_divisor = size_divisor
         self.sw_device = torch.device(sw_device) if sw_device is not None else None
         self.device = torch.device(device) if device is not None else None
-        self.amp = bool(amp)
-        self.amp_dtype = _as_dtype(amp_dtype)
+        self.precision = precision if isinstance(precision, Precision) else normalise_precision(precision)
         self.output_dtype = None if output_dtype is None else _as_dtype(output_dtype)
         self.flip_tta = bool(flip_tta)
         self.flip_axes = None if flip_axes is None else tuple(int(a) for a in flip_axes)
@@ -208,7 +211,7 @@ class OverlapTileInferer(Inferer):
         for _ in range(4):
             if hasattr(core, "_orig_mod"):
                 core = core._orig_mod
-            elif isinstance(core, torch.nn.DataParallel | torch.nn.parallel.DistributedDataParallel):
+            elif isinstance(core, _DDP):
                 core = core.module
             else:
                 break
@@ -265,17 +268,26 @@ class OverlapTileInferer(Inferer):
         ]
 
     def _forward(
-        self, network: Callable, x: torch.Tensor, flips: list[tuple[int, ...]], *args: Any, **kwargs: Any
+        self,
+        network: Callable,
+        x: torch.Tensor,
+        flips: list[tuple[int, ...]],
+        precision: Precision,
+        *args: Any,
+        **kwargs: Any,
     ) -> torch.Tensor:
         acc: torch.Tensor | None = None
         for dims in flips:
-            y = network(torch.flip(x, dims) if dims else x, *args, **kwargs)
+            with precision.autocast():
+                y = network(precision.format_input(torch.flip(x, dims) if dims else x), *args, **kwargs)
             if not isinstance(y, torch.Tensor):
                 raise TypeError(
                     f"OverlapTileInferer needs a network that returns one tensor, got {type(y).__name__}"
                 )
             if dims:
                 y = torch.flip(y, dims)
+            if len(flips) > 1:
+                y = y.float()  # average the mirrored passes in fp32
             acc = y if acc is None else acc + y
         assert acc is not None
         return acc / len(flips) if len(flips) > 1 else acc
@@ -355,11 +367,9 @@ class OverlapTileInferer(Inferer):
                     dst, src = zip(*(plans[ax].written(j) for ax, j in enumerate(pos)), strict=True)
                     out[(b, slice(None), *dst)] = pred[(i, slice(None), *src)]
 
-        autocast = (
-            torch.autocast(device_type="cuda", dtype=self.amp_dtype)
-            if on_cuda and self.amp
-            else nullcontext()
-        )
+        precision = resolve_precision(self.precision, sw_device)
+        if isinstance(network, torch.nn.Module) and not isinstance(network, _DDP):
+            precision.prepare(network)  # DDP: prepare before wrapping (gradient buckets follow the layout)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -374,8 +384,7 @@ class OverlapTileInferer(Inferer):
                     tiles = future.result() if future is not None else make_batch(chunk)
                     if pool is not None and k + 1 < len(chunks):
                         future = pool.submit(make_batch, chunks[k + 1])
-                    with autocast:
-                        pred = self._forward(network, tiles, flips, *args, **kwargs)
+                    pred = self._forward(network, tiles, flips, precision, *args, **kwargs)
                     if out is None:
                         got = tuple(pred.shape[2:])
                         if pred.ndim != nd + 2 or pred.shape[0] != len(chunk) or got != tile_out:

@@ -30,6 +30,7 @@ import torch
 from monai.networks.layers.factories import Conv, Dropout, Pool
 from monai.networks.layers.utils import get_norm_layer
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = [
     "UNet",
@@ -264,8 +265,9 @@ class _UpBlock(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)
         if self.crop > 0:
-            for d in range(2, skip.dim()):
-                skip = skip.narrow(d, self.crop, skip.size(d) - 2 * self.crop)
+            # a negative pad is a centre crop whose gradient keeps the skip's memory layout (a narrowed
+            # view's gradient is a new contiguous tensor: slow against channels-last activations)
+            skip = F.pad(skip, [-self.crop] * (2 * (skip.dim() - 2)))
         return self.conv(torch.cat([skip, x], dim=1))
 
 

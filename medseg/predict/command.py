@@ -39,6 +39,13 @@ def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--input", help="folder (walked recursively), image/DICOM file, or list file (.txt)")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default=None,
+        help="forward-pass precision: auto = bf16 (+ channels-last) on CPUs with native bf16, bf16/fp16 on "
+        "CUDA, else fp32 (default: the bundle's 'precision', auto)",
+    )
     p.add_argument("--formats", default="nifti", help="comma list of nifti, dicom-seg (default nifti)")
     p.add_argument("--overlays", action="store_true", help="also write <id>_overlay.png QC images")
     p.add_argument("--workers", type=int, default=2, help="loader threads (0: no pipelining; default 2)")
@@ -139,6 +146,7 @@ def run_predict(args: argparse.Namespace) -> int:
             config_file=args.config_file,
             checkpoint=args.ckpt,
             device=args.device,
+            precision=args.precision,
             formats=formats,
             overlays=args.overlays,
             workers=args.workers,

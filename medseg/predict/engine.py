@@ -5,10 +5,11 @@
 the cases of :func:`~medseg.predict.discovery.discover_cases`:
 
 ``load + preprocess`` (``workers`` threads, up to ``workers + 1`` cases ahead) -> ``inference`` (the
-calling thread; model loaded once, on CUDA when present: pinned host memory, ``non_blocking`` copies,
-autocast) -> ``postprocess + write`` (``writers`` threads; at most ``writers + 1`` cases queued so memory
+calling thread; model loaded once, on CUDA when present: pinned host memory, ``non_blocking`` copies;
+in the chosen :mod:`medseg.precision`: bf16 autocast and channels-last layout on CPUs with native
+bf16) -> ``postprocess + write`` (``writers`` threads; at most ``writers + 1`` cases queued so memory
 stays bounded). Loading of the next cases and writing of finished ones therefore overlap with
-inference, as nnU-Net's preprocessing / export processes do (BRIEF section 2). Heavy work in all three
+inference, as nnU-Net's preprocessing / export processes do. Heavy work in all three
 stages (file decoding, torch resampling, zlib) releases the GIL, so threads suffice and share the
 transforms and the model without pickling.
 
@@ -27,7 +28,6 @@ killed run started again skips them and redoes the rest.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import hashlib
@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from medseg.data.errors import ReadError
+from medseg.precision import Precision, resolve_precision
 from medseg.predict.discovery import Case, discover_cases, fingerprint, select_shard, shard_from_env
 from medseg.predict.report import CaseResult, exit_code, label_stats, write_report
 from medseg.predict.state import clean_case, is_done, mark_done, output_paths, unmark
@@ -229,7 +230,8 @@ class BatchPredictor:
             channel count fail with a clear message instead of a convolution error.
         min_tile_fraction: images whose preprocessed size is below this fraction of the inferer's
             ``roi_size`` in some axis fail as "too small" (0 disables the check).
-        amp: autocast on CUDA (default: on).
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"`` (:mod:`medseg.precision`), resolved for
+            ``device``; the inferer's forward passes run in it, post-processing in fp32.
         config_digest: text folded into the model key (the bundle config), so a changed pipeline redoes
             finished cases.
         progress: show a tqdm progress bar.
@@ -254,7 +256,7 @@ class BatchPredictor:
         spatial_dims: int | None = None,
         in_channels: int | None = None,
         min_tile_fraction: float = 0.25,
-        amp: bool = True,
+        precision: str | Precision = "auto",
         config_digest: str = "",
         progress: bool = True,
         image_key: str = "image",
@@ -273,8 +275,14 @@ class BatchPredictor:
         self.network = network.to(self.device).eval()
         ckpt_hash = load_checkpoint(self.network, checkpoint) if checkpoint is not None else "untrained"
         self.checkpoint_sha256 = ckpt_hash
+        try:
+            self.precision = resolve_precision(precision, self.device)
+        except ValueError as e:
+            raise SetupError(str(e)) from None
+        self.precision.prepare(self.network)
         self.preprocessing = preprocessing
         self.inferer = inferer
+        self._inferer = _with_precision(inferer, self.precision)
         self.postprocessing = _prepare_postprocessing(postprocessing) if postprocessing is not None else None
         self.formats = tuple(dict.fromkeys(formats))
         self.overlays = overlays
@@ -283,12 +291,11 @@ class BatchPredictor:
         self.labels = {int(k): str(v) for k, v in (labels or {}).items() if int(k) != 0}
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
         self.min_tile_fraction = float(min_tile_fraction)
-        self.amp = bool(amp) and self.device.type == "cuda"
         self.progress = progress
         self.image_key, self.pred_key = image_key, pred_key
         self.summary = dict(summary or {})
         self.model_key = hashlib.sha256(
-            json.dumps([ckpt_hash, config_digest, self.formats, overlays], sort_keys=True).encode()
+            json.dumps([ckpt_hash, config_digest, self.formats, overlays, self.precision.name]).encode()
         ).hexdigest()
         # split "LoadImaged + rest" so that DICOM cases can be loaded with a series-specific reader
         self._load: Any = None
@@ -352,7 +359,10 @@ class BatchPredictor:
             postprocessing = (
                 parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None
             )
-            amp = bool(parser.get_parsed_content("amp")) if "amp" in parser else True
+            if "precision" in parser:
+                precision = parser.get_parsed_content("precision")
+            else:  # a bundle with MONAI's boolean ``amp`` only: False keeps fp32
+                precision = "auto" if "amp" not in parser or parser.get_parsed_content("amp") else "fp32"
         except Exception as e:
             raise SetupError(
                 f"{files[0]}: cannot build the bundle's components: {type(e).__name__}: {e}"
@@ -367,7 +377,8 @@ class BatchPredictor:
         )
         in_channels = net_cfg.get("in_channels") or inp.get("num_channels")
         kwargs.setdefault("labels", out.get("channel_def"))
-        kwargs.setdefault("amp", amp)
+        if kwargs.get("precision") is None:
+            kwargs["precision"] = precision
         kwargs.setdefault("spatial_dims", spatial_dims if isinstance(spatial_dims, int) else None)
         kwargs.setdefault("in_channels", in_channels if isinstance(in_channels, int) else None)
         summary = {"bundle": bundle_dir, **kwargs.pop("summary", {})}
@@ -443,9 +454,8 @@ class BatchPredictor:
 
         t0 = time.perf_counter()
         x = prep.batch.to(self.device, non_blocking=True)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
-        with torch.no_grad(), autocast:
-            out = self.inferer(x, self.network)
+        with torch.no_grad():
+            out = self._inferer(x, self.network)
         if isinstance(out, (tuple, list)):
             out = out[0]
         if isinstance(out, Mapping):
@@ -637,6 +647,7 @@ class BatchPredictor:
                 "input": os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<list>",
                 "output": self.output_dir,
                 "device": str(self.device),
+                "precision": str(self.precision),
                 "model_sha256": self.checkpoint_sha256,
                 "formats": list(self.formats),
                 "overlays": self.overlays,
@@ -649,6 +660,19 @@ class BatchPredictor:
             write_report(self.rows, self.output_dir, summary, shard)
         self.exit_code = exit_code(self.rows)
         return self.rows
+
+
+def _with_precision(inferer: Any, precision: Precision) -> Any:
+    """``inferer`` running its forward passes in ``precision``: a copy with that ``precision`` when it
+    has the setting (:class:`~medseg.inferers.OverlapTileInferer`), else wrapped in a
+    :class:`~medseg.inferers.MixedPrecisionInferer` (MONAI's inferers)."""
+    from medseg.inferers import MixedPrecisionInferer
+
+    if hasattr(inferer, "precision"):
+        out = copy.copy(inferer)
+        out.precision = precision
+        return out
+    return MixedPrecisionInferer(precision, inferer)
 
 
 def _background_thread() -> None:

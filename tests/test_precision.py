@@ -1,0 +1,229 @@
+"""medseg.precision: choosing bf16 / channels-last where the hardware computes them natively, and what the
+choice does to outputs (channels-last: fp32 rounding only; bf16: masks of a trained model barely move)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import medseg.precision as mp
+from medseg.inferers import MixedPrecisionInferer, OverlapTileInferer
+from medseg.networks import UNet
+from medseg.precision import Precision, cpu_bf16_support, prepare_network, resolve_precision
+
+REPO = Path(__file__).resolve().parent.parent
+NUCLEI = REPO / "sample_data" / "nuclei_2d"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch: pytest.MonkeyPatch):
+    """Set the CPU's bf16 support by ``MEDSEG_CPU_BF16`` (``"1"``/``"0"``) or leave it detected (None)."""
+
+    def force(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(mp.ENV_CPU_BF16, raising=False)
+        else:
+            monkeypatch.setenv(mp.ENV_CPU_BF16, value)
+        cpu_bf16_support.cache_clear()
+
+    yield force
+    cpu_bf16_support.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------ selection
+def test_auto_on_cpu_with_forced_support(bf16_cpu) -> None:
+    bf16_cpu("1")
+    plan = resolve_precision("auto", "cpu")
+    assert plan == Precision("bf16", "cpu", True)
+    assert plan.dtype == torch.bfloat16 and not plan.grad_scaling
+    assert "forced" in cpu_bf16_support()[1]
+
+
+def test_auto_without_support_is_the_fp32_plan(bf16_cpu) -> None:
+    """On a CPU without native bf16, ``auto`` is exactly what ``fp32`` is (so never slower than it)."""
+    bf16_cpu("0")
+    fp32 = Precision("fp32", "cpu", True)
+    assert resolve_precision("auto", "cpu") == resolve_precision("fp32", "cpu") == fp32
+    assert resolve_precision("auto", "cpu").dtype is None
+    # fp32: channels-last for 2D only (oneDNN's fp32 3D convolutions are faster contiguous)
+    assert fp32.memory_format(4) == torch.channels_last and fp32.memory_format(5) is None
+    assert Precision("bf16", "cpu", True).memory_format(5) == torch.channels_last_3d
+
+
+def test_explicit_choices_and_aliases(bf16_cpu, caplog: pytest.LogCaptureFixture) -> None:
+    bf16_cpu("0")
+    with caplog.at_level(logging.WARNING, logger="medseg.precision"):
+        assert resolve_precision("bfloat16", "cpu").name == "bf16"  # honoured, with a warning
+    assert "emulates bf16" in caplog.text
+    assert resolve_precision("float32", "cpu").name == "fp32"
+    assert resolve_precision("half", torch.device("cpu")).name == "fp16"
+    assert resolve_precision("fp32", "cpu", channels_last=False) == Precision("fp32", "cpu", False)
+    plan = Precision("bf16", "cpu", True)
+    assert resolve_precision(plan, "cuda") is plan  # an already resolved plan passes through
+    with pytest.raises(ValueError, match="unknown precision 'int8'"):
+        resolve_precision("int8")
+    with pytest.raises(ValueError, match="unknown precision"):
+        OverlapTileInferer(64, precision="fp64")
+
+
+def test_detection_needs_torch_report_and_probe(bf16_cpu, monkeypatch: pytest.MonkeyPatch) -> None:
+    bf16_cpu(None)
+    monkeypatch.setattr(mp, "_probe_cpu_bf16", lambda: (False, "probe: bf16 convolution 0.9x"))
+    assert not cpu_bf16_support()[0]  # torch's report alone is not enough
+    assert resolve_precision("auto", "cpu").name == "fp32"
+    cpu_bf16_support.cache_clear()
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    monkeypatch.setattr(mp, "_probe_cpu_bf16", lambda: pytest.fail("probe run without oneDNN"))
+    assert cpu_bf16_support() == (False, "oneDNN (mkldnn) is not available in this torch build")
+
+
+def test_probe_runs_and_reports_a_speed_ratio() -> None:
+    ok, reason = mp._probe_cpu_bf16()
+    assert isinstance(ok, bool) and reason.startswith("probe: bf16 convolution ") and reason.endswith("fp32")
+
+
+def test_cuda_choices_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mp, "_cuda_bf16", lambda dev: True)
+    assert resolve_precision("auto", "cuda:0") == Precision("bf16", "cuda", False)
+    monkeypatch.setattr(mp, "_cuda_bf16", lambda dev: False)
+    plan = resolve_precision("auto", "cuda")
+    assert plan == Precision("fp16", "cuda", False) and plan.grad_scaling
+    assert resolve_precision("auto", "mps").name == "fp32"
+
+
+# ------------------------------------------------------------------------------------- channels-last
+NETS = {
+    "valid 2D (paper)": (lambda: UNet(2, 1, 2, features=8, depth=3), (2, 1, 124, 124)),
+    "same 2D + batch norm": (lambda: UNet(2, 1, 1, features=8, depth=3, padding="same", norm="batch"),
+                             (2, 1, 64, 48)),
+    "same 3D + instance norm": (lambda: UNet(3, 1, 2, features=4, depth=2, padding="same", norm="instance"),
+                                (1, 1, 24, 16, 20)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_channels_last_equals_contiguous_within_fp32_rounding(name: str) -> None:
+    make, shape = NETS[name]
+    torch.manual_seed(0)
+    net = make().eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        ref = net(x)
+        layout = Precision("bf16", "cpu", True)  # its layout (channels-last 2D and 3D), computed in fp32 here
+        layout.prepare(net)
+        fmt = layout.memory_format(len(shape))
+        for conv in (m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)):
+            # explicit channels-last strides, also for the first layer's single input channel
+            assert conv.weight.stride() == torch.empty_like(conv.weight, memory_format=fmt).stride()
+            assert conv.weight.dtype == torch.float32  # master weights stay fp32
+        got = net(layout.format_input(x))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_prepare_network_uses_the_parameters_device(bf16_cpu) -> None:
+    bf16_cpu("0")
+    net = prepare_network(UNet(2, 1, 2, features=4, depth=2, padding="same"), "auto")
+    assert net.head.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_overlap_tile_bf16_close_to_fp32_and_outputs_float32() -> None:
+    """bf16 tiles on CPU: float32 output, the same tiling as fp32, values within bf16 error."""
+    torch.manual_seed(1)
+    net = UNet(2, 1, 2, features=8, depth=3).eval()
+    x = torch.rand(1, 1, 150, 130)
+    with torch.no_grad():
+        ref = OverlapTileInferer(124, precision="fp32")(x, net)
+        got = OverlapTileInferer(124, sw_batch_size=2, precision="bf16", flip_tta=False)(x, net)
+        flipped = OverlapTileInferer(124, precision="bf16", flip_tta=True)(x, net)
+        flipped_ref = OverlapTileInferer(124, precision="fp32", flip_tta=True)(x, net)
+    assert got.dtype == flipped.dtype == torch.float32 and got.shape == ref.shape
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max().item() < 0.05 * scale
+    assert (flipped - flipped_ref).abs().max().item() < 0.05 * scale
+
+
+def test_mixed_precision_inferer_trains_fp32_master_weights() -> None:
+    """The trainer's inferer: bf16 forward, float32 prediction for the loss, fp32 gradients and weights."""
+    torch.manual_seed(2)
+    net = UNet(2, 1, 2, features=8, depth=2)
+    inferer = MixedPrecisionInferer("bf16")
+    x, target = torch.rand(2, 1, 92, 92), torch.randint(0, 2, (2, 52, 52))
+    pred = inferer(x, net)
+    assert pred.dtype == torch.float32
+    assert net.head.weight.is_contiguous(memory_format=torch.channels_last)
+    loss = nn.functional.cross_entropy(pred, target)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+               for p in net.parameters())  # fmt: skip
+    out = MixedPrecisionInferer("bf16")(x, lambda t: {"a": t * 2, "b": (t.int(), t)})
+    assert out["a"].dtype == torch.float32 and out["b"][0].dtype == torch.int32
+
+
+# ------------------------------------------------------------------- parity on a trained sample model
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def trained_nuclei(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """unet_nuclei_2d trained on the sample nuclei with the default ``precision=auto`` (a tmp copy)."""
+    import shutil
+
+    if not NUCLEI.is_dir():
+        pytest.skip("needs sample_data/nuclei_2d")
+    bundle = tmp_path_factory.mktemp("bundle") / "unet_nuclei_2d"
+    shutil.copytree(REPO / "bundles" / "unet_nuclei_2d" / "configs", bundle / "configs")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+           str(bundle / "configs" / "train.json"), "--dataset_dir", str(NUCLEI), "--epochs", "20",
+           "--val_interval", "20", "--num_workers", "0"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return bundle
+
+
+def test_auto_training_saves_an_fp32_state_dict(trained_nuclei: Path) -> None:
+    sd = torch.load(trained_nuclei / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert sd and all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
+    net = UNet(2, 1, 2, features=16, depth=3)
+    net.load_state_dict(sd)  # strict
+
+
+def test_predict_bf16_masks_match_fp32(trained_nuclei: Path, tmp_path: Path) -> None:
+    """``medseg predict --precision bf16`` vs ``fp32`` on the sample test images: under 0.5% of the pixels
+    differ and Dice against the reference labels moves by under 0.005."""
+    import nibabel as nib
+    from monai.transforms import LoadImage
+
+    from medseg.data.datalist import load_datalist
+    from medseg.predict import BatchPredictor
+
+    items = load_datalist(str(NUCLEI), "test") + load_datalist(str(NUCLEI), "validation")
+    masks: dict[str, list[np.ndarray]] = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        p = BatchPredictor.from_bundle(trained_nuclei, out, precision=precision, progress=False)
+        assert p.precision.name == precision
+        rows = p.run([{"image": it["image"]} for it in items])
+        assert [r.status for r in rows] == ["ok"] * len(items)
+        masks[precision] = [
+            np.asarray(nib.load(out / f"{r.id}_seg.nii.gz").dataobj).squeeze() > 0
+            for r in sorted(rows, key=lambda r: [Path(it["image"]).stem for it in items].index(r.id))
+        ]
+    labels = [np.asarray(LoadImage(image_only=True)(it["label"])).squeeze() > 0 for it in items]  # same axes
+    for a, b, lab in zip(masks["fp32"], masks["bf16"], labels, strict=True):
+        assert a.shape == lab.shape
+        assert (a != b).mean() < 0.005
+        assert _dice(a, lab) > 0.7, "the model is not trained enough for a parity check"
+        assert abs(_dice(a, lab) - _dice(b, lab)) < 0.005
