@@ -227,3 +227,23 @@ def test_predict_bf16_masks_match_fp32(trained_nuclei: Path, tmp_path: Path) -> 
         assert (a != b).mean() < 0.005
         assert _dice(a, lab) > 0.7, "the model is not trained enough for a parity check"
         assert abs(_dice(a, lab) - _dice(b, lab)) < 0.005
+
+
+def test_cli_precision_flag_and_report(trained_nuclei: Path, tmp_path: Path) -> None:
+    """``medseg predict --precision`` overrides the bundle's setting; the report names what ran."""
+    from medseg.cli import main
+    from medseg.predict import read_report
+
+    image = sorted((NUCLEI / "images").glob("*.png"))[0]
+    out = tmp_path / "out"
+    argv = ["predict", "--bundle", str(trained_nuclei), "--input", str(image), "--output", str(out),
+            "--no-progress", "--workers", "0"]  # fmt: skip
+    assert main([*argv, "--precision", "fp32"]) == 0
+    summary, rows = read_report(out / "report.json")
+    assert summary["precision"] == "fp32 + channels_last on cpu" and rows[0].status == "ok"
+    # another precision is another model key: the finished case is redone, not skipped
+    assert main([*argv, "--precision", "bf16"]) == 0
+    summary, rows = read_report(out / "report.json")
+    assert summary["precision"] == "bf16 autocast + channels_last on cpu" and rows[0].status == "ok"
+    with pytest.raises(SystemExit):
+        main([*argv, "--precision", "int8"])
