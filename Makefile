@@ -30,10 +30,11 @@ install-test: venv
 DEMO_BUNDLE ?= bundles/unet_nuclei_2d
 DEMO_INPUT  ?= sample_data/nuclei_2d/images
 DEMO_TRAIN_ARGS ?=
+# the demo's model goes to out/demo_model, leaving the bundle's shipped weights (models/model.pt) as they are
 demo: install
-	$(PY) -m monai.bundle run training --config_file $(DEMO_BUNDLE)/configs/train.json $(DEMO_TRAIN_ARGS)
-	$(PY) -m medseg predict --bundle $(DEMO_BUNDLE) --input $(DEMO_INPUT) --output out/demo --overlays
-	@echo "masks, overlays and report.csv are in out/demo; curves and model in $(DEMO_BUNDLE)"
+	$(PY) -m monai.bundle run training --config_file $(DEMO_BUNDLE)/configs/train.json --ckpt_dir out/demo_model $(DEMO_TRAIN_ARGS)
+	$(PY) -m medseg predict --bundle $(DEMO_BUNDLE) --ckpt out/demo_model/model.pt --input $(DEMO_INPUT) --output out/demo --overlays
+	@echo "masks, instances, overlays and report.csv are in out/demo; model in out/demo_model, curves in $(DEMO_BUNDLE)/eval"
 
 test: install-test
 	$(PY) -m ruff check .

@@ -197,8 +197,12 @@ def load_datalist(
     seed: int = 0,
     group_key: str = "pid",
     limit: int | None = None,
+    datalist: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The items of ``split`` (``"training"``, ``"validation"`` or ``"test"``) of the dataset ``dataset_dir``.
+
+    ``datalist``: a datalist JSON file kept outside the dataset (e.g. a bundle's committed split of a
+    public dataset); its relative paths are resolved against ``dataset_dir`` as for ``datalist.json``.
 
     Paths come back absolute. Without an explicit validation list, one is split off the training list with
     :func:`split_by_group` (``val_fraction``, ``seed``, grouped by ``group_key``), and ``"training"`` then
@@ -212,7 +216,9 @@ def load_datalist(
     root = Path(dataset_dir).expanduser().resolve()
     if not root.is_dir():
         raise ReadError(root, "dataset_dir is not a folder")
-    source = root / DATALIST_NAME
+    source = root / DATALIST_NAME if datalist is None else Path(datalist).expanduser().resolve()
+    if datalist is not None and not source.is_file():
+        raise ReadError(source, "datalist file not found")
     splits = _from_json(source, root) if source.is_file() else _from_folders(root)
     if not source.is_file():
         source = root

@@ -20,7 +20,8 @@ _EPILOG = """exit status: 0 all cases ok (or skipped: already done), 1 at least 
 found shard reports missing.
 
 outputs per case (id = sanitised path relative to --input): <id>_seg.nii.gz (mask on the source
-grid), <id>_seg.dcm (DICOM SEG, DICOM input), <id>_overlay.png (QC); report.json / report.csv
+grid), <id>_instances.nii.gz (instance labels, bundles that label instances), <id>_seg.dcm (DICOM
+SEG, DICOM input), <id>_overlay.png (QC); report.json / report.csv
 (report.shard-i-of-n.* per shard); .medseg/ holds the resume state. Run the same command again
 after a crash: finished cases are skipped, the rest are redone."""
 

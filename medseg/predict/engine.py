@@ -215,7 +215,9 @@ class BatchPredictor:
             :class:`~medseg.data.DicomReader`, picking the case's series, and the rest applied).
         inferer: a MONAI ``Inferer`` (``SlidingWindowInferer``, ``OverlapTileInferer``, ...).
         postprocessing: dictionary transform on ``{"image", "pred"}`` (``Activationsd``, ``Invertd``,
-            ``AsDiscreted``); savers are dropped. Must end with a one-channel label map.
+            ``AsDiscreted``); savers are dropped. Must end with a one-channel label map. An instance
+            label map it adds under ``instance_key`` (``medseg.transforms.LabelInstancesd``) is written
+            as ``<id>_instances.nii.gz`` and counted in the report's ``objects``.
         output_dir: where masks, overlays, the report and the resume state go.
         checkpoint: ``model.pt`` (state dict), loaded with ``weights_only=True``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; default CUDA (``LOCAL_RANK``) when available.
@@ -261,6 +263,7 @@ class BatchPredictor:
         progress: bool = True,
         image_key: str = "image",
         pred_key: str = "pred",
+        instance_key: str = "instances",
         summary: Mapping[str, Any] | None = None,
     ) -> None:
         from monai.transforms import Compose, LoadImaged
@@ -292,7 +295,7 @@ class BatchPredictor:
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
         self.min_tile_fraction = float(min_tile_fraction)
         self.progress = progress
-        self.image_key, self.pred_key = image_key, pred_key
+        self.image_key, self.pred_key, self.instance_key = image_key, pred_key, instance_key
         self.summary = dict(summary or {})
         self.model_key = hashlib.sha256(
             json.dumps([ckpt_hash, config_digest, self.formats, overlays, self.precision.name]).encode()
@@ -484,9 +487,15 @@ class BatchPredictor:
                "spatial_shape": np.asarray(mask.shape)}  # fmt: skip
         paths = output_paths(self.output_dir, case.id)
         written: list[str] = []
+        objects: int | None = None
         try:
             if "nifti" in self.formats:
                 written.append(write_nifti_mask(mask, ref, paths["nifti"]))
+            instances = d.get(self.instance_key)
+            if instances is not None:  # instance labels from the bundle's post-processing
+                inst, _ = mask_to_source_grid(instances, prep.source_meta)
+                objects = int(inst.max()) if inst.size else 0
+                written.append(write_nifti_mask(inst, ref, paths["instances"], dtype=np.uint16))
             if "dicom-seg" in self.formats and case.is_dicom:
                 labels = self.labels or None
                 present = set(np.flatnonzero(np.bincount(mask.ravel())).tolist()) - {0}  # mask: uint8/16
@@ -504,6 +513,7 @@ class BatchPredictor:
             "outputs": [os.path.relpath(p, self.output_dir) for p in written],
             "voxels": voxels,
             "volume_ml": volume,
+            "objects": objects,
         }
         return row, time.perf_counter() - t0
 

@@ -2,7 +2,8 @@
 
 Row fields: ``id``, ``input``, ``status`` (``ok`` / ``failed`` / ``skipped``: done by an earlier run on the
 same input with the same model), ``error``, ``seconds`` (load + inference + writing of that case) and
-the stage times, the written ``outputs`` (relative to the output folder), and per label the voxel
+the stage times, the written ``outputs`` (relative to the output folder), ``objects`` (the number of
+instances, for bundles whose post-processing labels instances), and per label the voxel
 count and the volume in mL (voxel count x voxel volume of the **source** grid; ``None`` for 2-D
 images, which have no volume).
 
@@ -69,6 +70,7 @@ class CaseResult:
     outputs: list[str] = field(default_factory=list)
     voxels: dict[str, int] = field(default_factory=dict)
     volume_ml: dict[str, float | None] = field(default_factory=dict)
+    objects: int | None = None  # instances found (bundles whose post-processing labels instances)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +130,9 @@ def _csv_text(rows: Sequence[CaseResult]) -> str:
         for name in r.voxels:
             if name not in labels:
                 labels.append(name)
+    objects = any(r.objects is not None for r in rows)
     header = ["id", "input", "status", "error", "seconds", "load_s", "infer_s", "write_s", "outputs"]
+    header += ["objects"] if objects else []
     header += [f"voxels_{n}" for n in labels] + [f"volume_ml_{n}" for n in labels]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -137,6 +141,7 @@ def _csv_text(rows: Sequence[CaseResult]) -> str:
         w.writerow(
             [r.id, r.input, r.status, r.error, f"{r.seconds:.3f}", f"{r.load_s:.3f}", f"{r.infer_s:.3f}",
              f"{r.write_s:.3f}", ";".join(r.outputs)]
+            + ([("" if r.objects is None else r.objects)] if objects else [])
             + [r.voxels.get(n, "") for n in labels]
             + ["" if r.volume_ml.get(n) is None else r.volume_ml[n] for n in labels]
         )  # fmt: skip

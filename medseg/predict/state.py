@@ -22,7 +22,12 @@ __all__ = ["STATE_DIR", "OUTPUT_SUFFIXES", "clean_case", "is_done", "mark_done",
 
 STATE_DIR = ".medseg"
 #: output kind -> file name suffix after the case id
-OUTPUT_SUFFIXES = {"nifti": "_seg.nii.gz", "dicom-seg": "_seg.dcm", "overlay": "_overlay.png"}
+OUTPUT_SUFFIXES = {
+    "nifti": "_seg.nii.gz",
+    "instances": "_instances.nii.gz",
+    "dicom-seg": "_seg.dcm",
+    "overlay": "_overlay.png",
+}
 
 
 def output_paths(output_dir: str, case_id: str) -> dict[str, str]:

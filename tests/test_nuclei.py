@@ -1,0 +1,207 @@
+"""Nuclei as instances: gap-separated foreground -> instance labels, the object metrics of the field, the
+committed DSB 2018 split, and the instance output of ``medseg predict`` with the nuclei bundle."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from medseg.transforms import LabelInstances, LabelInstancesd, label_instances, separate_instances
+from monai.transforms import LoadImage
+
+from medseg.data.datalist import load_datalist
+from medseg.metrics import IOU_THRESHOLDS, foreground_iou, instance_iou, object_scores
+
+REPO = Path(__file__).resolve().parent.parent
+NUCLEI = REPO / "sample_data" / "nuclei_2d"
+BUNDLE = REPO / "bundles" / "unet_nuclei_2d"
+DSB = REPO.parent / "shared" / "datasets" / "dsb2018_fluo"
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def _sample_labels() -> list[np.ndarray]:
+    items = load_datalist(str(NUCLEI), "training")
+    return [np.asarray(LoadImage(image_only=True)(it["label"])).astype(np.int64) for it in items[:4]]
+
+
+# ------------------------------------------------------------------------------------------- instances
+def test_gap_separated_sample_nuclei_come_back_as_their_instances() -> None:
+    """The training target (instances separated by the 1-px gap) labelled again: one id per true nucleus,
+    touching ones included, ids 1..N consecutive, the gaps given back (paper Sec. 3)."""
+    touching_seen = 0
+    for lab in _sample_labels():
+        sep = separate_instances(lab)
+        touching_seen += int(((sep == 0) & (lab > 0)).sum() > 0)
+        inst = label_instances(sep > 0, min_size=1, connectivity=2)
+        assert inst.dtype == np.uint16 and inst.shape == lab.shape
+        ids = np.unique(inst)
+        assert ids[0] == 0 and list(ids[1:]) == list(range(1, len(ids)))  # consecutive, background 0
+        n_true = len(np.unique(lab)) - 1
+        scores = object_scores(inst, lab, [0.5, 0.8])
+        assert scores[0].tp == n_true and scores[0].fp == 0 and scores[0].fn == 0
+        assert scores[1].accuracy > 0.95
+        assert foreground_iou(inst, lab) > 0.995  # the gaps are filled again
+    assert touching_seen >= 2, "the sample images should contain touching nuclei"
+
+
+def test_label_instances_drops_specks_and_keeps_diagonal_gaps() -> None:
+    fg = np.zeros((30, 30), bool)
+    fg[2:10, 2:10] = True  # two squares separated by a 1-px vertical gap
+    fg[2:10, 11:19] = True
+    fg[20:24, 20:24] = True  # 16 px
+    fg[27, 3] = True  # a 1-px speck
+    inst = label_instances(fg, min_size=5)
+    assert inst.max() == 3 and inst[27, 3] == 0
+    assert inst[5, 10] in (1, 2) and inst[1, 10] == 0 and inst[10, 10] == 0  # gap filled, not its ends
+    assert set(np.unique(inst[2:10, 2:19])) == {1, 2}
+    # two squares touching only at a corner are separate with the default 4-connectivity
+    corner = np.zeros((10, 10), bool)
+    corner[1:4, 1:4] = corner[4:7, 4:7] = True
+    assert label_instances(corner, min_size=1).max() == 2
+    assert label_instances(corner, min_size=1, connectivity=2).max() == 1
+    assert label_instances(np.zeros((5, 5)), min_size=1).max() == 0
+
+
+def test_label_instances_dict_transform_keeps_metadata() -> None:
+    import torch
+    from monai.data import MetaTensor
+
+    mask = np.zeros((1, 12, 12), np.float32)
+    mask[0, 1:5, 1:5] = mask[0, 6:11, 6:11] = 1
+    meta = MetaTensor(torch.from_numpy(mask), meta={"filename_or_obj": "x.png"})
+    out = LabelInstancesd("pred", min_size=2)({"pred": meta})
+    assert out["instances"].shape == (1, 12, 12) and out["instances"].meta["filename_or_obj"] == "x.png"
+    assert int(out["instances"].max()) == 2
+    onehot = np.concatenate([1 - mask, mask])  # (bg, fg) channels, as AsDiscreted(to_onehot=2) gives
+    assert LabelInstances(min_size=2)(onehot).max() == 2
+    with pytest.raises(ValueError, match="one mask key"):
+        LabelInstancesd(["a", "b"])
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def _squares(*boxes: tuple[int, int, int, int]) -> np.ndarray:
+    out = np.zeros((40, 40), np.int64)
+    for i, (r0, r1, c0, c1) in enumerate(boxes, 1):
+        out[r0:r1, c0:c1] = i
+    return out
+
+
+def test_object_metrics_hand_made_cases() -> None:
+    a, b = (2, 12, 2, 12), (2, 12, 14, 24)
+    true = _squares(a, b)
+    # perfect match
+    perfect = object_scores(true, true)
+    assert all(s.tp == 2 and s.fp == 0 and s.fn == 0 and s.accuracy == 1.0 for s in perfect)
+    # one nucleus split in two halves (IoU 0.5 each, not > 0.5): 1 TP, 2 FP, 1 FN
+    split = _squares((2, 7, 2, 12), (7, 12, 2, 12), b)
+    s = object_scores(split, true, [0.5])[0]
+    assert (s.tp, s.fp, s.fn) == (1, 2, 1)
+    assert s.accuracy == pytest.approx(1 / 4) and s.f1 == pytest.approx(2 / 5)
+    # a merged pair: one predicted object covering both (IoU 100/220 < 0.5): 0 TP, 1 FP, 2 FN
+    merged = _squares((2, 12, 2, 24))
+    s = object_scores(merged, true, [0.5])[0]
+    assert (s.tp, s.fp, s.fn) == (0, 1, 2) and s.accuracy == 0.0
+    # empty prediction
+    s = object_scores(np.zeros_like(true), true, [0.5])[0]
+    assert (s.tp, s.fp, s.fn) == (0, 0, 2) and s.f1 == 0.0
+    assert object_scores(np.zeros_like(true), np.zeros_like(true))[0].accuracy == 1.0
+    # a shifted square: IoU 80/120 = 0.667 -> a match at 0.5 and 0.65, not at 0.7
+    shifted = _squares((4, 14, 2, 12), b)
+    p, t, iou = instance_iou(shifted, true)
+    assert dict(zip(zip(p.tolist(), t.tolist(), strict=True), iou.tolist(), strict=True))[(1, 1)] == (
+        pytest.approx(80 / 120)
+    )
+    tps = [s.tp for s in object_scores(shifted, true, [0.5, 0.65, 0.7])]
+    assert tps == [2, 2, 1]
+    assert IOU_THRESHOLDS[0] == 0.5 and IOU_THRESHOLDS[-1] == 0.95 and len(IOU_THRESHOLDS) == 10
+    assert foreground_iou(merged, true) == pytest.approx(200 / 220)
+    with pytest.raises(ValueError, match="differ in shape"):
+        object_scores(true[:10], true)
+
+
+def test_otsu_baseline_of_the_quality_benchmark() -> None:
+    from nuclei_quality import otsu_instances, otsu_threshold
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(20, 3, (64, 64))
+    img[10:20, 10:20] += 100
+    img[40:50, 30:45] += 80
+    t = otsu_threshold(img)
+    assert 25 < t < 100  # above the background (20 +- 3), below both objects (>= 100)
+    inst = otsu_instances(img)
+    assert inst.max() == 2
+
+
+# ------------------------------------------------------------------------------------------ datalist
+@pytest.mark.skipif(not DSB.is_dir(), reason="needs ../shared/datasets/dsb2018_fluo")
+def test_committed_dsb_split_is_disjoint_and_complete() -> None:
+    datalist = BUNDLE / "configs" / "dsb2018_fluo_datalist.json"
+    train = load_datalist(DSB, "training", datalist=datalist)
+    val = load_datalist(DSB, "validation", datalist=datalist)
+    ids = lambda items: {Path(it["image"]).stem for it in items}  # noqa: E731
+    assert not ids(train) & ids(val)
+    index = json.loads((DSB / "index.json").read_text())
+    assert ids(train) | ids(val) == {Path(i["image"]).stem for i in index["images"]}
+    assert all(Path(it["label"]).is_file() for it in val)
+
+
+def test_datalist_file_outside_the_dataset(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.png").write_bytes(b"x")
+    (tmp_path / "data" / "a_lab.png").write_bytes(b"x")
+    dl = tmp_path / "split.json"
+    dl.write_text(json.dumps({"training": [{"image": "a.png", "label": "a_lab.png"}]}))
+    items = load_datalist(tmp_path / "data", "training", datalist=dl)
+    data = tmp_path / "data"
+    assert items == [{"image": str(data / "a.png"), "label": str(data / "a_lab.png")}]
+    from medseg.data import ReadError
+
+    with pytest.raises(ReadError, match="datalist file not found"):
+        load_datalist(tmp_path / "data", "training", datalist=tmp_path / "nope.json")
+
+
+# ------------------------------------------------------------------------------- predict with instances
+def test_predict_writes_instances_on_the_source_grid(trained_nuclei: Path, tmp_path: Path) -> None:
+    from medseg.predict import BatchPredictor, read_report
+
+    items = load_datalist(str(NUCLEI), "validation")
+    p = BatchPredictor.from_bundle(trained_nuclei, tmp_path, progress=False)
+    rows = p.run([{"image": it["image"]} for it in items])
+    assert [r.status for r in rows] == ["ok"] * len(items)
+    for r, it in zip(sorted(rows, key=lambda r: r.id), sorted(items, key=lambda i: i["image"]), strict=True):
+        inst_img = nib.load(tmp_path / f"{r.id}_instances.nii.gz")
+        seg_img = nib.load(tmp_path / f"{r.id}_seg.nii.gz")
+        inst = np.asarray(inst_img.dataobj).squeeze()
+        assert inst_img.get_data_dtype() == np.uint16
+        np.testing.assert_allclose(inst_img.affine, seg_img.affine)
+        assert inst.shape == np.asarray(seg_img.dataobj).squeeze().shape
+        ids = np.unique(inst)
+        assert list(ids) == list(range(len(ids)))  # background 0, then 1..N
+        assert r.objects == len(ids) - 1 and f"{r.id}_instances.nii.gz" in r.outputs
+        true = np.asarray(LoadImage(image_only=True)(it["label"])).squeeze().astype(np.int64)
+        s = object_scores(inst, true, [0.5])[0]
+        # a model trained for seconds on 8 synthetic images: the instances are real nuclei, not noise
+        # (object quality on real data is measured by benchmarks/nuclei_quality.py)
+        assert s.f1 > 0.4, f"{r.id}: F1 {s.f1:.2f} on the sample nuclei"
+    _, rows = read_report(tmp_path / "report.json")
+    assert all(r.objects for r in rows)
+    assert "objects" in (tmp_path / "report.csv").read_text().splitlines()[0].split(",")
+
+
+@pytest.mark.skipif(not (BUNDLE / "models" / "model.pt").is_file(), reason="no shipped weights")
+def test_shipped_weights_load_strictly_into_network_def() -> None:
+    import torch
+    from monai.bundle import ConfigParser
+
+    path = BUNDLE / "models" / "model.pt"
+    assert path.stat().st_size <= 25 * 2**20
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser.get_parsed_content("network_def").load_state_dict(sd)  # strict=True: every key, every shape
