@@ -91,6 +91,13 @@ def main() -> None:
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--precision", default=None)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="ID=JSON",
+        help="inference config overrides, e.g. inferer#flip_tta=true min_object_size=20",
+    )
     ap.add_argument("--quiet", action="store_true", help="no per-image lines")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -104,11 +111,17 @@ def main() -> None:
     load = LoadImage(image_only=True)  # the engine's axes convention, so arrays line up
     out = Path(tempfile.mkdtemp(prefix="nuclei_quality_"))
     try:
+        configs = [str(Path(args.bundle) / "configs" / "inference.json")]
+        if args.set:
+            override = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+            (out / "override.json").write_text(json.dumps(override))
+            configs.append(str(out / "override.json"))
         predictor = BatchPredictor.from_bundle(
-            args.bundle, out, checkpoint=args.ckpt, precision=args.precision, progress=False
-        )
+            args.bundle, out / "pred", config_file=configs, checkpoint=args.ckpt, precision=args.precision,
+            progress=False,
+        )  # fmt: skip
         t0 = time.perf_counter()
-        rows = {r.input: r for r in predictor.run([{"image": it["image"]} for it in items])}
+        rows = {Path(r.input).name: r for r in predictor.run([{"image": it["image"]} for it in items])}
         wall = time.perf_counter() - t0
         model, base = [], []
         if not args.quiet:
@@ -116,10 +129,10 @@ def main() -> None:
                   "Otsu objects | acc@0.5 | F1@0.5 | mean acc | fg IoU | s |")
             print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for it in items:
-            row = rows[it["image"]]
+            row = rows[Path(it["image"]).name]
             if row.status != "ok":
                 raise RuntimeError(f"{it['image']}: {row.error}")
-            inst = np.asarray(nib.load(out / f"{row.id}_instances.nii.gz").dataobj).squeeze()
+            inst = np.asarray(nib.load(out / "pred" / f"{row.id}_instances.nii.gz").dataobj).squeeze()
             inst = inst.astype(np.int64)
             true = np.asarray(load(it["label"])).squeeze().astype(np.int64)
             image = np.asarray(load(it["image"])).squeeze()
