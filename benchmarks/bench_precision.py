@@ -50,7 +50,9 @@ SETTINGS = {
 # name: (network kwargs, inference tile (batch 1), training patch (batch 4))
 NETS: dict[str, tuple[dict, tuple[int, ...], tuple[int, ...]]] = {
     "paper U-Net (64 / depth 4, valid)": (dict(spatial_dims=2, features=64, depth=4), (572, 572), (252, 252)),
-    "unet_nuclei_2d (16 / 3, valid)": (dict(spatial_dims=2, features=16, depth=3), (508, 508), (188, 188)),
+    "unet_nuclei_2d (32 / 3, valid, BN)": (
+        dict(spatial_dims=2, features=32, depth=3, norm="batch"), (508, 508), (188, 188),
+    ),
     "unet_brain_tumor_mri (16 / 4, same, BN)": (
         dict(spatial_dims=2, out_channels=1, features=16, depth=4, padding="same", norm="batch", dropout=0.0),
         (256, 256), (128, 128),

@@ -7,7 +7,7 @@ instance labels it writes, and compares them with the true instance labels:
 * object accuracy TP / (TP + FP + FN) and F1 at IoU 0.5, 0.7, 0.9 (a predicted and a true nucleus match
   at IoU > t), the mean accuracy over IoU 0.5:0.95 (the DSB 2018 score), foreground IoU;
 * the same for a baseline: Otsu's threshold of the image + connected components (4-neighbour) with the
-  same minimum object size.
+  bundle's minimum object size (``min_object_size``).
 
 Counts are pooled over all images ("overall", as StarDist's ``matching_dataset``); the per-image mean of
 the per-image scores is printed too. Run:
@@ -116,6 +116,11 @@ def main() -> None:
             override = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
             (out / "override.json").write_text(json.dumps(override))
             configs.append(str(out / "override.json"))
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(configs)
+        min_size = int(parser.get_parsed_content("min_object_size")) if "min_object_size" in parser else 10
         predictor = BatchPredictor.from_bundle(
             args.bundle, out / "pred", config_file=configs, checkpoint=args.ckpt, precision=args.precision,
             progress=False,
@@ -138,7 +143,7 @@ def main() -> None:
             image = np.asarray(load(it["image"])).squeeze()
             if image.ndim == 3:  # RGB(A) stored grey images
                 image = image[..., :3].mean(-1)
-            m, b = scores(inst, true), scores(otsu_instances(image), true)
+            m, b = scores(inst, true), scores(otsu_instances(image, min_size), true)
             model.append(m)
             base.append(b)
             if not args.quiet:

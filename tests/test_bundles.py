@@ -172,8 +172,11 @@ def _check_masks(name: str, out_dir: Path, items: list[dict]) -> None:
     import nibabel as nib
     from PIL import Image
 
-    masks = sorted(p for p in out_dir.iterdir() if p.is_file())
-    assert len(masks) == len(items), f"{[m.name for m in masks]} for {len(items)} inputs"
+    files = sorted(p for p in out_dir.iterdir() if p.is_file())
+    masks = [p for p in files if "_seg" in p.name]
+    assert len(masks) == len(items), f"{[m.name for m in files]} for {len(items)} inputs"
+    # the nuclei bundle also writes instance labels; the others write masks only
+    assert len(files) == len(items) * (2 if name == "unet_nuclei_2d" else 1), [m.name for m in files]
     for item in items:
         src = Path(item["image"])
         stem = src.name.split(".")[0]
@@ -182,6 +185,10 @@ def _check_masks(name: str, out_dir: Path, items: list[dict]) -> None:
             arr = np.asarray(Image.open(mask))
             assert arr.shape == np.asarray(Image.open(src)).shape
             assert set(np.unique(arr)) <= {0, 1}
+            inst = np.asarray(Image.open(out_dir / f"{stem}_instances.png"))
+            assert inst.shape == arr.shape and inst.dtype == np.uint16
+            ids = np.unique(inst)
+            assert list(ids) == list(range(len(ids)))  # background 0, then 1..N
         elif name == "unet_brain_tumor_mri":
             arr = np.asarray(nib.load(mask).dataobj).squeeze()
             assert arr.shape == (512, 512)
