@@ -229,3 +229,23 @@ def test_cli_precision_flag_and_report(trained_nuclei: Path, tmp_path: Path) -> 
     assert summary["precision"] == "bf16 autocast + channels_last on cpu" and rows[0].status == "ok"
     with pytest.raises(SystemExit):
         main([*argv, "--precision", "int8"])
+
+
+def _rank_decision(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        decision = mp._agree_across_ranks(rank == 0)  # only rank 0 finds native bf16
+        Path(out, f"rank{rank}").write_text(str(decision))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_agree_on_bf16(tmp_path: Path) -> None:
+    """A busy machine can make one rank's probe differ; DDP needs the same layout on every rank."""
+    import torch.multiprocessing as tmp
+
+    tmp.spawn(_rank_decision, args=(f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "False"
+    assert mp._agree_across_ranks(True) is True  # no process group: the local answer
