@@ -11,7 +11,7 @@ afterwards), files shuffled on disk names so that nobody gets file-name order fo
 
     python benchmarks/bench_dicom_load.py [--slices 200] [--size 512] [--repeats 5]
 
-Goal (issue 3): medseg no slower than SimpleITK and >= 2x faster than MONAI's PydicomReader.
+Goal: medseg no slower than SimpleITK and >= 2x faster than MONAI's PydicomReader.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Benchmark: medseg OverlapTileInferer vs MONAI sliding_window_inference (issue 6).
+"""Benchmark: medseg OverlapTileInferer vs MONAI sliding_window_inference.
 
 One process, same network and images for every method. Prints medians over ``--repeats`` runs, the ratio
 of every method's time to medseg's, and the fraction of the total spent outside the network's forward

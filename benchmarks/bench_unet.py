@@ -1,4 +1,4 @@
-"""Benchmark: medseg UNet forward vs MONAI BasicUNet of comparable width (issue 4).
+"""Benchmark: medseg UNet forward vs MONAI BasicUNet of comparable width.
 
 Cases, all in one process, runs interleaved (A, B, A, B, ...) so load changes hit both alike:
 

@@ -7,7 +7,7 @@ override (the bundle's defaults, the sample data), in a subprocess. By default t
 temporary folder so ``models/`` of the checkout is left alone; ``--in-place`` trains in the bundle itself
 (leaving ``models/model.pt`` ready for inference). Reported per run: best validation mean Dice (the
 key metric the bundle's CheckpointSaver uses), wall time, and CPU time (user + system of the child
-process, all its threads). Targets (issue 7): Dice >= 0.85 nuclei, >= 0.80 brain MRI, >= 0.85 CT.
+process, all its threads). Targets: Dice >= 0.85 nuclei, >= 0.80 brain MRI, >= 0.85 CT.
 """
 
 from __future__ import annotations

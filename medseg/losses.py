@@ -3,7 +3,8 @@
 ``WeightedCrossEntropyLoss`` is the paper's energy: softmax over the classes, cross-entropy per pixel,
 multiplied by a per-pixel weight map (e.g. from :class:`medseg.transforms.UNetWeightMapd`). MONAI has
 no per-pixel weighted cross-entropy. Dice + cross-entropy is MONAI's :class:`monai.losses.DiceCELoss`,
-re-exported here; :class:`DiceBCELoss` is that loss set up like the brain-tumour seed (sigmoid, BCE + Dice).
+re-exported here; :class:`DiceBCELoss` is that loss for one sigmoid output (BCE + Dice, a common U-Net
+brain-tumour recipe).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class WeightedCrossEntropyLoss(_Loss):
 
 
 class DiceBCELoss(DiceCELoss):
-    """Dice + binary cross-entropy on sigmoid outputs, as the brain-tumour seed trained (single class).
+    """Dice + binary cross-entropy on sigmoid outputs, for a single foreground class.
 
     MONAI's :class:`~monai.losses.DiceCELoss` with ``sigmoid=True``: for one output channel it uses
     ``BCEWithLogitsLoss``. For several channels (multi-label, e.g. overlapping tumour regions) the BCE

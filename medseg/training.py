@@ -52,7 +52,7 @@ def bundle_root(name: str | None = None) -> str:
 def center_crop_to(x: torch.Tensor, spatial_shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """Center-crop the spatial dims (all after the first two) of ``x`` to ``spatial_shape``.
 
-    The crop matches the valid U-Net's output window (BRIEF: output = input - 2 * border, centred), the
+    The crop matches the valid U-Net's output window (output = input - 2 * border, centred; paper Fig. 2), the
     same centring rule as the skip-connection crops of the paper (Sec. 2).
     """
     spatial_shape = tuple(int(s) for s in spatial_shape)

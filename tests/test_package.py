@@ -1,4 +1,4 @@
-"""The package installs and imports as promised (issue 2): ``medseg.transforms`` maps to ``transforms/``."""
+"""The package installs and imports as promised: ``medseg.transforms`` maps to ``transforms/``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for medseg.networks.UNet and its shape arithmetic (issue 4)."""
+"""Tests for medseg.networks.UNet and its shape arithmetic."""
 
 from __future__ import annotations
 

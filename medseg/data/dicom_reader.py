@@ -1,6 +1,6 @@
 """DICOM files, multi-frame files and series folders as a MONAI :class:`~monai.data.ImageReader`.
 
-What MONAI's own DICOM readers get wrong (see the project brief, section 2) and this reader does:
+What MONAI's own DICOM readers get wrong and this reader does:
 
 * slices are sorted by their position along the slice normal,
   ``d = ImagePositionPatient . (row x column)`` (DICOM PS3.3 C.7.6.2.1.1), never by file name or
