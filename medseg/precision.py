@@ -101,16 +101,17 @@ class Precision:
     def prepare(self, network: nn.Module) -> nn.Module:
         """Put the convolution weights of ``network`` in channels-last layout (in place; returns it).
 
-        Parameters keep their dtype (fp32 master weights). Call it before wrapping the network in
-        ``DistributedDataParallel``, whose gradient buckets follow the parameters' layout.
+        Parameters keep their dtype (fp32 master weights). A network already wrapped in
+        ``DataParallel`` / ``DistributedDataParallel`` is left as it is (DDP's gradient buckets follow the
+        parameters' layout): prepare it before wrapping.
         """
-        if not self.channels_last:
+        if not self.channels_last or isinstance(network, _PARALLEL):
             return network
         for module in network.modules():
             if isinstance(module, nn.modules.conv._ConvNd):
                 w = module.weight.data
                 fmt = self.memory_format(w.ndim)
-                if fmt is not None and w.stride() != _strides(w, fmt):
+                if fmt is not None and w.stride() != _channels_last_strides(w):
                     # explicit channels-last strides, also for one input channel (where both layouts are
                     # "contiguous" and oneDNN would otherwise produce a contiguous output)
                     module.weight.data = torch.empty_like(w, memory_format=fmt).copy_(w)
@@ -122,8 +123,16 @@ class Precision:
         return f"{what}{layout} on {self.device_type}"
 
 
-def _strides(t: torch.Tensor, fmt: torch.memory_format) -> tuple[int, ...]:
-    return torch.empty(t.shape, dtype=t.dtype, device="meta", memory_format=fmt).stride()
+_PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def _channels_last_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides of a dense ``t.shape`` tensor in channels-last order (channels fastest)."""
+    n, c, *spatial = t.shape
+    inner = [c]  # stride of the last spatial axis
+    for size in reversed(spatial[1:]):
+        inner.insert(0, inner[0] * size)
+    return (inner[0] * spatial[0], 1, *inner)
 
 
 def normalise_precision(precision: str) -> str:

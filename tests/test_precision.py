@@ -130,7 +130,11 @@ def test_channels_last_equals_contiguous_within_fp32_rounding(name: str) -> None
 def test_prepare_network_uses_the_parameters_device(bf16_cpu) -> None:
     bf16_cpu("0")
     net = prepare_network(UNet(2, 1, 2, features=4, depth=2, padding="same"), "auto")
-    assert net.head.weight.is_contiguous(memory_format=torch.channels_last)
+    assert net.encoders[0][2].weight.is_contiguous(memory_format=torch.channels_last)
+    # a wrapped network is left alone: its replicas' layout must be set before wrapping
+    wrapped = nn.DataParallel(UNet(2, 1, 2, features=4, depth=2, padding="same"))
+    Precision("fp32", "cpu", True).prepare(wrapped)
+    assert not wrapped.module.encoders[0][2].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_overlap_tile_bf16_close_to_fp32_and_outputs_float32() -> None:
@@ -157,7 +161,7 @@ def test_mixed_precision_inferer_trains_fp32_master_weights() -> None:
     x, target = torch.rand(2, 1, 92, 92), torch.randint(0, 2, (2, 52, 52))
     pred = inferer(x, net)
     assert pred.dtype == torch.float32
-    assert net.head.weight.is_contiguous(memory_format=torch.channels_last)
+    assert net.encoders[1][0].weight.is_contiguous(memory_format=torch.channels_last)
     loss = nn.functional.cross_entropy(pred, target)
     loss.backward()
     assert loss.dtype == torch.float32

@@ -12,8 +12,6 @@ from medseg.precision import Precision, normalise_precision, resolve_precision
 
 __all__ = ["MixedPrecisionInferer"]
 
-_DDP = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
-
 
 def _as_float32(out: Any) -> Any:
     """Reduced-precision floating tensors in ``out`` (a tensor, sequence or mapping) cast to float32."""
@@ -52,7 +50,7 @@ class MixedPrecisionInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> Any:
         plan = resolve_precision(self.precision, inputs.device)
-        if isinstance(network, torch.nn.Module) and not isinstance(network, _DDP):
+        if isinstance(network, torch.nn.Module):
             plan.prepare(network)
         with plan.autocast():
             out = self.inferer(plan.format_input(inputs), network, *args, **kwargs)

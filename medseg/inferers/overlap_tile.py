@@ -324,8 +324,17 @@ class OverlapTileInferer(Inferer):
         flips = self._flip_sets(nd)
         blend = self.mode != "crop" and all(p.border == 0 for p in plans)  # valid-conv nets: always exact
 
+        precision = resolve_precision(self.precision, sw_device)
+        if isinstance(network, torch.nn.Module):
+            precision.prepare(network)
+        layout = precision.memory_format(len(tile) + 2) or torch.contiguous_format
+
         def make_batch(chunk: list[tuple[int, tuple[int, ...]]]) -> torch.Tensor:
-            buf = torch.empty((len(chunk), channels, *tile), dtype=x.dtype, device=x.device, pin_memory=pin)
+            # built in the layout the network runs in, so no per-batch conversion follows
+            buf = torch.empty(
+                (len(chunk), channels, *tile), dtype=x.dtype, device=x.device, pin_memory=pin,
+                memory_format=layout,
+            )  # fmt: skip
             for i, (b, pos) in enumerate(chunk):
                 t = x[b]
                 picks = []
@@ -367,9 +376,6 @@ class OverlapTileInferer(Inferer):
                     dst, src = zip(*(plans[ax].written(j) for ax, j in enumerate(pos)), strict=True)
                     out[(b, slice(None), *dst)] = pred[(i, slice(None), *src)]
 
-        precision = resolve_precision(self.precision, sw_device)
-        if isinstance(network, torch.nn.Module) and not isinstance(network, _DDP):
-            precision.prepare(network)  # DDP: prepare before wrapping (gradient buckets follow the layout)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
