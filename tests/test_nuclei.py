@@ -199,9 +199,11 @@ def test_shipped_weights_load_strictly_into_network_def() -> None:
     from monai.bundle import ConfigParser
 
     path = BUNDLE / "models" / "model.pt"
-    assert path.stat().st_size <= 25 * 2**20
+    assert path.stat().st_size <= 5 * 2**20  # stored as fp16 to keep the repository small
     sd = torch.load(path, map_location="cpu", weights_only=True)
-    assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
+    assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "inference.json"))
-    parser.get_parsed_content("network_def").load_state_dict(sd)  # strict=True: every key, every shape
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(sd)  # strict=True: every key, every shape
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # computed with fp32 master weights
