@@ -10,7 +10,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from medseg.transforms import LabelInstances, LabelInstancesd, label_instances, separate_instances
+import torch
+from medseg.transforms import (
+    DarkBackground,
+    DarkBackgroundd,
+    LabelInstances,
+    LabelInstancesd,
+    label_instances,
+    separate_instances,
+)
 from monai.transforms import LoadImage
 
 from medseg.data.datalist import load_datalist
@@ -65,6 +73,52 @@ def test_label_instances_drops_specks_and_keeps_diagonal_gaps() -> None:
     assert label_instances(corner, min_size=1).max() == 2
     assert label_instances(corner, min_size=1, connectivity=2).max() == 1
     assert label_instances(np.zeros((5, 5)), min_size=1).max() == 0
+
+
+def test_split_at_necks_separates_two_merged_discs_and_keeps_single_ones() -> None:
+    """Two discs overlapping at a neck (no gap between them) become two instances with ``split_h``; a lone
+    disc, an ellipse and a speck-sized blob stay whole; without ``split_h`` the pair is one."""
+    yy, xx = np.mgrid[:80, :120]
+    pair = ((yy - 40) ** 2 + (xx - 30) ** 2 <= 15**2) | ((yy - 40) ** 2 + (xx - 56) ** 2 <= 15**2)
+    lone = (yy - 15) ** 2 + (xx - 100) ** 2 <= 10**2
+    ellipse = ((yy - 60) / 6.0) ** 2 + ((xx - 100) / 16.0) ** 2 <= 1
+    small = (yy - 75) ** 2 + (xx - 10) ** 2 <= 2**2
+    fg = pair | lone | ellipse | small
+    merged = label_instances(fg, min_size=5)
+    assert merged.max() == 4
+    inst = label_instances(fg, min_size=5, split_h=1.0)
+    assert inst.max() == 5 and list(np.unique(inst)) == list(range(6))
+    left, right = inst[40, 22], inst[40, 64]
+    assert left and right and left != right
+    assert len(np.unique(inst[lone])) == 1 and len(np.unique(inst[ellipse])) == 1
+    assert inst[75, 10] > 0  # a blob too flat for a marker is kept whole, not dropped
+    plain = label_instances(fg, min_size=5, split_h=1.0, fill_gaps=False)
+    assert ((plain > 0) == fg).all()  # the split itself only relabels; it adds or removes no pixel
+    # the pair's boundary lies at the neck (x = 43), one side per disc
+    assert set(np.unique(inst[pair & (xx < 41)])) == {left}
+    assert set(np.unique(inst[pair & (xx > 45)])) == {right}
+
+
+def test_dark_background_inverts_bright_field_and_leaves_fluorescence() -> None:
+    """Sample fluorescence nuclei (dark background) are left as they are; the same image inverted (a
+    bright-field-like contrast) is turned back; a real DSB 2018 bright-field image is inverted."""
+    image = np.asarray(LoadImage(image_only=True)(load_datalist(str(NUCLEI), "training")[0]["image"]))
+    image = image.astype(np.float32)[None]
+    t = DarkBackground()
+    same = np.asarray(t(image))
+    assert t.inverted == [False] and np.array_equal(same, image)
+    bright = image.max() + image.min() - image
+    back = np.asarray(t(bright))
+    assert t.inverted == [True] and np.allclose(back, image)
+    d = DarkBackgroundd(keys="image")({"image": torch.as_tensor(bright)})
+    assert torch.allclose(d["image"], torch.as_tensor(image))
+    bf = DSB / "images" / "7f38885521586fc6.png"
+    if bf.is_file():
+        img = np.asarray(LoadImage(image_only=True)(str(bf)), dtype=np.float32)[None]
+        lab = np.asarray(LoadImage(image_only=True)(str(DSB / "labels" / bf.name)))[None] > 0
+        assert img[lab].mean() < img[~lab].mean()  # nuclei darker than the background
+        out = np.asarray(t(img))
+        assert t.inverted == [True] and out[lab].mean() > out[~lab].mean()
 
 
 def test_label_instances_dict_transform_keeps_metadata() -> None:

@@ -17,5 +17,9 @@ from .spacing import *
 from .weight_map import *
 
 __all__ = [
-    *_elastic.__all__, *_instances.__all__, *_intensity.__all__, *_spacing.__all__, *_weight_map.__all__,
+    *_elastic.__all__,
+    *_instances.__all__,
+    *_intensity.__all__,
+    *_spacing.__all__,
+    *_weight_map.__all__,
 ]

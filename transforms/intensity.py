@@ -8,8 +8,10 @@ What MONAI already does correctly is used as is and not wrapped here:
   (``lower=0.5, upper=99.5, b_min=0, b_max=1, clip=True``; a constant image gives zeros).
 
 Added here: :class:`ZScoreNormalize` (z-score over a *mask*, e.g. a body or brain mask given as another
-key, with a safe floor on the standard deviation) and :class:`CTWindow` (Hounsfield window given as centre
-and width, a preset name or several windows stacked as channels, mapped to [0, 1]).
+key, with a safe floor on the standard deviation), :class:`CTWindow` (Hounsfield window given as centre
+and width, a preset name or several windows stacked as channels, mapped to [0, 1]) and
+:class:`DarkBackground` (inverts images whose background is bright, e.g. bright-field among fluorescence
+micrographs, so that one network sees one contrast polarity).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ __all__ = [
     "CTWindowd",
     "CTWindowD",
     "CTWindowDict",
+    "DarkBackground",
+    "DarkBackgroundd",
+    "DarkBackgroundD",
+    "DarkBackgroundDict",
     "ZScoreNormalize",
     "ZScoreNormalized",
     "ZScoreNormalizeD",
@@ -267,3 +273,61 @@ class CTWindowd(MapTransform):
 
 ZScoreNormalizeD = ZScoreNormalizeDict = ZScoreNormalized
 CTWindowD = CTWindowDict = CTWindowd
+
+
+class DarkBackground(Transform):
+    """Invert an image whose background is bright, so that objects are bright on a dark background.
+
+    The background is taken to be the bulk of the pixels: an image is inverted (``x -> min + max - x``, the
+    range kept) when its median lies in the upper half of its ``[lower, upper]`` percentile range. Objects
+    that cover most of the image would flip this decision; the transform is meant for sparse objects such as
+    nuclei, where fluorescence (dark background) and bright-field (bright background) images are mixed.
+    Decided per channel; metadata is kept; ``inverted`` holds the last decisions.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(self, lower: float = 1.0, upper: float = 99.0) -> None:
+        if not 0.0 <= lower < upper <= 100.0:
+            raise ValueError(f"need 0 <= lower < upper <= 100, got {lower}, {upper}")
+        self.lower = lower
+        self.upper = upper
+        self.inverted: list[bool] = []
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        img_t = convert_to_tensor(img, track_meta=get_track_meta())
+        x = _float(img_t.as_tensor() if hasattr(img_t, "as_tensor") else img_t)
+        out = x.clone()
+        self.inverted = []
+        q = torch.tensor([self.lower / 100, 0.5, self.upper / 100], dtype=torch.float64, device=x.device)
+        for c in range(x.shape[0]):
+            vals = x[c].reshape(-1).to(torch.float64)
+            if vals.numel() > 1 << 24:  # torch.quantile's size limit; a strided subsample is enough
+                vals = vals[:: vals.numel() // (1 << 24) + 1]
+            lo, med, hi = torch.quantile(vals, q).tolist()
+            flip = hi > lo and med > (lo + hi) / 2
+            self.inverted.append(bool(flip))
+            if flip:
+                out[c] = x[c].min() + x[c].max() - x[c]
+        return convert_to_dst_type(out, dst=img_t, dtype=out.dtype)[0]
+
+
+class DarkBackgroundd(MapTransform):
+    """Dictionary twin of :class:`DarkBackground`."""
+
+    backend = DarkBackground.backend
+
+    def __init__(
+        self, keys: KeysCollection, lower: float = 1.0, upper: float = 99.0, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = DarkBackground(lower, upper)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d
+
+
+DarkBackgroundD = DarkBackgroundDict = DarkBackgroundd
