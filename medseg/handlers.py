@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from medseg.io import atomic_target
+
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
@@ -119,6 +121,5 @@ class CurvePlotter:
             fig.suptitle(self.title)
         fig.tight_layout()
         self.output_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_file.with_name(f".{self.output_file.name}.tmp{os.getpid()}.png")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, self.output_file)
+        with atomic_target(self.output_file, ".png") as tmp:
+            fig.savefig(tmp, format="png")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from medseg.data.writers import atomic_target
+from medseg.io import atomic_target
 
 __all__ = ["overlay_slices", "render_overlay", "save_overlay_png"]
 

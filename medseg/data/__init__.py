@@ -26,7 +26,6 @@ _LAZY: dict[str, str] = {
             "DICOM_SERIES_UID_KEY",
             "DICOM_SOURCE_FILES_KEY",
             "DICOM_SOURCE_FRAMES_KEY",
-            "atomic_target",
             "mask_to_source_grid",
             "write_dicom_seg",
             "write_nifti_mask",

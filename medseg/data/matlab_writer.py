@@ -13,7 +13,7 @@ header (``created``), so the same variables give the same bytes.
 
 v5 files are written with :func:`scipy.io.savemat`; its time-stamped header text is replaced by a
 fixed one for the same reason. Both are written next to the target and renamed into place
-(:func:`medseg.data.writers.atomic_target`).
+(:func:`medseg.io.atomic_target`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 import scipy.io
 
-from medseg.data.writers import atomic_target
+from medseg.io import atomic_target
 
 __all__ = ["MATLAB_CREATED", "write_mat_v5", "write_mat_v73"]
 

@@ -14,10 +14,8 @@ failure never leaves a half-written mask behind.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import nibabel as nib
@@ -31,12 +29,12 @@ from medseg._version import __version__
 from medseg.data.errors import ReadError
 from medseg.data.gzip_codec import gzip_compress
 from medseg.data.transpose import transposed_copy
+from medseg.io import atomic_target
 
 __all__ = [
     "DICOM_SERIES_UID_KEY",
     "DICOM_SOURCE_FILES_KEY",
     "DICOM_SOURCE_FRAMES_KEY",
-    "atomic_target",
     "mask_to_source_grid",
     "write_dicom_seg",
     "write_nifti_mask",
@@ -165,25 +163,6 @@ def mask_to_source_grid(mask: Any, reference: Reference = None) -> tuple[np.ndar
     )
     out = np.rint(_as_numpy(out)).astype(data.dtype)
     return out, target_affine
-
-
-@contextlib.contextmanager
-def atomic_target(path: str | os.PathLike[str], suffix: str) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; ``os.replace`` it onto ``path`` on success."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}", dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------------------------------

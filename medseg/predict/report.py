@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.data.writers import atomic_target
+from medseg.io import atomic_target
 
 __all__ = [
     "EXIT_CODES",

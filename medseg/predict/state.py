@@ -5,7 +5,7 @@ same model key (checkpoint hash + bundle config + output options) and every outp
 exists. The marker is written (atomically) only after all the case's outputs were renamed into
 place, so a run killed at any instant leaves either a finished case or one that the next run redoes.
 Writers use temporary names ``.<output name>.<random>.tmp<suffix>`` next to the target
-(:func:`medseg.data.writers.atomic_target`); :func:`clean_case` deletes those a killed run left.
+(:func:`medseg.io.atomic_target`); :func:`clean_case` deletes those a killed run left.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from medseg.data.writers import atomic_target
+from medseg.io import atomic_target
 
 __all__ = ["STATE_DIR", "OUTPUT_SUFFIXES", "clean_case", "is_done", "mark_done", "output_paths", "unmark"]
 
