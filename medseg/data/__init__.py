@@ -20,6 +20,9 @@ _LAZY: dict[str, str] = {
     "NiftiReader": "medseg.data.nifti_reader",
     "register_readers": "medseg.data.registration",
     "load_datalist": "medseg.data.datalist",
+    "StrictLoadImage": "medseg.data.loading",
+    "StrictLoadImaged": "medseg.data.loading",
+    "preflight": "medseg.data.loading",
     **{
         name: "medseg.data.writers"
         for name in (
