@@ -2,6 +2,8 @@
 
 - :func:`bundle_root`: the folder of the bundle whose config is being run, so that ``bundle_root`` and
   ``dataset_dir`` do not depend on the working directory (MONAI itself offers no such value).
+- :func:`require_dir`: a bundle's default ``dataset_dir`` that exists only on some machines, with a hint
+  where to get the data when it is missing.
 - :class:`OutputCropLoss`: lets MONAI's ``SupervisedTrainer`` (which calls ``loss(pred, label)``) train a
   valid-convolution U-Net, whose output is smaller than its input, with a per-pixel weight map.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["OutputCropLoss", "bundle_root", "center_crop_to"]
+__all__ = ["OutputCropLoss", "bundle_root", "center_crop_to", "require_dir"]
 
 
 def bundle_root(name: str | None = None) -> str:
@@ -47,6 +49,18 @@ def bundle_root(name: str | None = None) -> str:
         if (candidate / "configs").is_dir():
             return str(candidate)
     return os.getcwd()
+
+
+def require_dir(path: str | os.PathLike[str], hint: str) -> str:
+    """``path`` as an absolute path if it is a folder; else ``FileNotFoundError`` saying ``hint``.
+
+    For a bundle whose default data folder is a public dataset that is not shipped: a run without
+    ``--dataset_dir`` then stops with where to get the data instead of an empty-datalist error.
+    """
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset folder {folder} not found: {hint}")
+    return str(folder)
 
 
 def center_crop_to(x: torch.Tensor, spatial_shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
