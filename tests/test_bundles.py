@@ -1,5 +1,6 @@
-"""The three MONAI bundles: metadata, network I/O, workflow properties, and a real 1-epoch train /
-evaluate / infer / export cycle on tiny subsets of the sample data (CPU).
+"""The MONAI bundles: metadata, network I/O, workflow properties, and a real 1-epoch train /
+evaluate / infer / export cycle on tiny subsets of the sample data (CPU); the EM bundle, which has no
+sample data, on crops of three slices of the ISBI 2012 EM stack (skipped where that stack is absent).
 
 Each bundle is copied to a temporary folder (so a user's ``models/`` is never touched, and the runs
 prove that ``bundle_root`` follows the config file, not the working directory); commands run from yet
@@ -23,8 +24,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 BUNDLES = REPO / "bundles"
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
-NAMES = ("unet_nuclei_2d", "unet_brain_tumor_mri", "unet_ct_3d")
+NAMES = ("unet_nuclei_2d", "unet_brain_tumor_mri", "unet_ct_3d", "unet_em_isbi2012")
 DATASETS = {"unet_nuclei_2d": "nuclei_2d", "unet_brain_tumor_mri": "brain_mri_mat", "unet_ct_3d": "ct_3d"}
+EM = "unet_em_isbi2012"
+EM_DATA = REPO.parent / "shared" / "datasets" / "isbi2012_em"  # the EM bundle's default dataset_dir
 CONFIG_FILES = (
     "train.json", "evaluate.json", "inference.json", "multi_gpu_train.json", "metadata.json", "logging.conf",
 )
@@ -36,6 +39,7 @@ QUICK: dict[str, dict[str, str]] = {
         "image_size": "[64,64]", "patch_size": "[32,32]", "samples_per_image": "1", "batch_size": "2",
     },
     "unet_ct_3d": {"patch_size": "[32,32,16]", "tile_size": "[48,48,24]", "samples_per_volume": "1"},
+    EM: {"patch_size": "[204,204]", "tile_size": "[380,380]", "batch_size": "2", "samples_per_image": "1"},
 }
 COMMON = {
     "epochs": "1",
@@ -86,6 +90,31 @@ def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def em_crops(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """256x256 crops of EM slices 0, 1 (training) and 25 (validation, test) with a ``datalist.json``."""
+    if not EM_DATA.is_dir():
+        pytest.skip(f"needs the ISBI 2012 EM slices in {EM_DATA}")
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("isbi2012_crops")
+    lists: dict[str, list[dict[str, str]]] = {"training": [], "validation": [], "test": []}
+    for k, splits in ((0, ["training"]), (1, ["training"]), (25, ["validation", "test"])):
+        item = {}
+        for kind in ("images", "labels"):
+            (root / kind).mkdir(exist_ok=True)
+            Image.open(EM_DATA / kind / f"{k}.png").crop((0, 0, 256, 256)).save(root / kind / f"{k}.png")
+            item[kind[:-1]] = f"{kind}/{k}.png"
+        for split in splits:
+            lists[split].append(item if split != "test" else {"image": item["image"]})
+    (root / "datalist.json").write_text(json.dumps(lists))
+    return root
+
+
+def _data(name: str, sample_root: Path, request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue("em_crops") if name == EM else sample_root / DATASETS[name]
+
+
 def _copy_bundle(name: str, dest: Path) -> Path:
     target = dest / name
     shutil.copytree(BUNDLES / name, target, ignore=shutil.ignore_patterns("models", "eval", "runs"))
@@ -125,7 +154,11 @@ def test_bundle_layout_and_metadata(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_net_in_out_and_properties(
-    name: str, tmp_path: Path, sample_root: Path, monkeypatch: pytest.MonkeyPatch
+    name: str,
+    tmp_path: Path,
+    sample_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     from monai.bundle import ConfigWorkflow, verify_net_in_out
 
@@ -137,15 +170,16 @@ def test_net_in_out_and_properties(
         device="cpu",
     )
     monkeypatch.chdir(tmp_path)  # another working directory: paths must still resolve to the bundle
+    data_dir = _data(name, sample_root, request)
     for config in ("train.json", "inference.json"):
         wf = ConfigWorkflow(config_file=str(configs / config), workflow_type=None, logging_file=False)
         assert Path(wf.parser.get_parsed_content("bundle_root")) == (BUNDLES / name).resolve()
         dataset_dir = Path(wf.parser.get_parsed_content("dataset_dir")).resolve()
-        assert dataset_dir == (REPO / "sample_data" / DATASETS[name]).resolve()
+        assert dataset_dir == (EM_DATA if name == EM else REPO / "sample_data" / DATASETS[name]).resolve()
 
     # check_properties instantiates every property (datasets included): use a copy and tiny lists
     bundle = _copy_bundle(name, tmp_path)
-    data = {"dataset_dir": str(sample_root / DATASETS[name])}
+    data = {"dataset_dir": str(data_dir)}
     train = ConfigWorkflow(
         config_file=str(bundle / "configs" / "train.json"), workflow_type="train", logging_file=False,
         **_typed({**COMMON, **data}),
@@ -181,10 +215,12 @@ def _check_masks(name: str, out_dir: Path, items: list[dict]) -> None:
         src = Path(item["image"])
         stem = src.name.split(".")[0]
         mask = next(m for m in masks if m.name.startswith(stem + "_seg"))
-        if name == "unet_nuclei_2d":
+        if name in ("unet_nuclei_2d", EM):
             arr = np.asarray(Image.open(mask))
             assert arr.shape == np.asarray(Image.open(src)).shape
             assert set(np.unique(arr)) <= {0, 1}
+            if name == EM:
+                continue
             inst = np.asarray(Image.open(out_dir / f"{stem}_instances.png"))
             assert inst.shape == arr.shape and inst.dtype == np.uint16
             ids = np.unique(inst)
@@ -202,7 +238,11 @@ def _check_masks(name: str, out_dir: Path, items: list[dict]) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_train_evaluate_infer_export(
-    name: str, tmp_path: Path, sample_root: Path, monkeypatch: pytest.MonkeyPatch
+    name: str,
+    tmp_path: Path,
+    sample_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     from medseg.data.datalist import load_datalist
 
@@ -210,7 +250,7 @@ def test_train_evaluate_infer_export(
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     configs = bundle / "configs"
-    data = str(sample_root / DATASETS[name])
+    data = str(_data(name, sample_root, request))
     overrides = {**COMMON, **QUICK[name], "dataset_dir": data}
     py = [sys.executable, "-m", "monai.bundle", "run"]
     monkeypatch.chdir(cwd)
@@ -258,7 +298,7 @@ def test_train_evaluate_infer_export(
     net.load_state_dict(sd)
     net.eval()
     shape = {"unet_nuclei_2d": (1, 1, 100, 100), "unet_brain_tumor_mri": (1, 1, 64, 64),
-             "unet_ct_3d": (1, 1, 32, 32, 16)}[name]
+             "unet_ct_3d": (1, 1, 32, 32, 16), EM: (1, 1, 204, 204)}[name]
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-4)

@@ -59,9 +59,10 @@ def _fake_app(tmp_path: Path) -> Path:
     return app
 
 
-def test_check_bundle_reports_what_monailabel_reads(tmp_path: Path) -> None:
-    summary = check_bundle(_bundle_with_weights(tmp_path))
-    meta = json.loads((BUNDLES / "unet_nuclei_2d" / "configs" / "metadata.json").read_text())
+@pytest.mark.parametrize("name", ["unet_nuclei_2d", "unet_em_isbi2012"])
+def test_check_bundle_reports_what_monailabel_reads(tmp_path: Path, name: str) -> None:
+    summary = check_bundle(_bundle_with_weights(tmp_path, name))
+    meta = json.loads((BUNDLES / name / "configs" / "metadata.json").read_text())
     channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
     assert summary.dimension == len(meta["network_data_format"]["inputs"]["image"]["spatial_shape"]) == 2
     assert summary.labels == {v.lower(): int(k) for k, v in channel_def.items() if v.lower() != "background"}
