@@ -105,7 +105,7 @@ def test_folder_with_several_series_picks_largest_and_logs(
 
 def test_files_restrict_the_header_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``files=``: a caller that knows a series' files (medseg predict) spares every other header."""
-    import medseg.data.dicom_reader as dr
+    from medseg.data.dicom import headers
 
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -114,13 +114,13 @@ def test_files_restrict_the_header_scan(tmp_path: Path, monkeypatch: pytest.Monk
             shutil.copy(f, flat / f"{sub.split('/')[1]}_{f.name}")
     ct5n = sorted(p.name for p in flat.iterdir() if p.name.startswith("CT5N"))
     scanned: list[str] = []
-    real_scan = dr._scan_header
+    real_scan = headers.scan_file
 
     def spy(path: str):
         scanned.append(os.path.basename(path))
         return real_scan(path)
 
-    monkeypatch.setattr(dr, "_scan_header", spy)
+    monkeypatch.setattr(headers, "scan_file", spy)
     reader = DicomReader(files=ct5n)  # names relative to the folder
     arr, meta = reader.get_data(reader.read(flat))
     assert arr.shape == (16, 16, 5) and sorted(scanned) == ct5n
@@ -332,13 +332,13 @@ def test_native_fast_path_tiled_layout_and_rescale(
 ) -> None:
     # 70 x 67 x 130: not a multiple of the transpose tile along any axis
     _write_series(tmp_path, 70, 67, 130, slopes, inters, unsigned)
-    import medseg.data.dicom_reader as dr
+    from medseg.data.dicom import headers, pixels
 
     def no_pydicom(*args: object, **kwargs: object) -> None:
         raise AssertionError("native pixel data must not go through pydicom")
 
-    monkeypatch.setattr(dr, "_read_pydicom", no_pydicom)
-    monkeypatch.setattr(dr, "_read_sitk", no_pydicom)
+    monkeypatch.setattr(pixels, "read_pydicom", no_pydicom)
+    monkeypatch.setattr(pixels, "read_sitk", no_pydicom)
     arr, meta = load(tmp_path)
     assert arr.shape == (130, 67, 70) and arr.flags.c_contiguous and str(arr.dtype) == dtype
     for k, f in enumerate(meta["dicom_source_files"]):
@@ -347,8 +347,8 @@ def test_native_fast_path_tiled_layout_and_rescale(
         expected = ds.pixel_array.T.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         np.testing.assert_array_equal(arr[:, :, k], expected.astype(dtype))
     # the frame is read from the offset the header scan found, straight into the caller's buffer
-    (first,), reason = dr._scan_header(meta["dicom_source_files"][0])
+    (first,), reason = headers.scan_file(meta["dicom_source_files"][0])
     assert reason is None and first.pixel_offset is not None
     buf = np.empty((67, 130), np.uint16 if unsigned else np.int16)
-    assert dr._read_native(first, buf) is buf
+    assert pixels.read_native(first, buf) is buf
     np.testing.assert_array_equal(buf, pydicom.dcmread(first.path).pixel_array)

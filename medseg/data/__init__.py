@@ -14,8 +14,10 @@ from medseg.data.registration import install as _install_readers
 
 # public name -> defining module (imported on first access)
 _LAZY: dict[str, str] = {
-    "DicomReader": "medseg.data.dicom_reader",
-    "DicomVolume": "medseg.data.dicom_reader",
+    "DicomReader": "medseg.data.dicom.reader",
+    "DicomVolume": "medseg.data.dicom.reader",
+    "SliceHeader": "medseg.data.dicom.headers",
+    "scan_file": "medseg.data.dicom.headers",
     "MatReader": "medseg.data.mat_reader",
     "NiftiReader": "medseg.data.nifti_reader",
     "register_readers": "medseg.data.registration",

@@ -55,7 +55,7 @@ class Format:
 
 #: the formats medseg reads; the first matching suffix wins (``.nii.gz`` is listed before any ``.gz``)
 FORMATS: tuple[Format, ...] = (
-    Format("dicom", (".dcm", ".dicom", ".dic", ".ima"), "medseg.data.dicom_reader:DicomReader"),
+    Format("dicom", (".dcm", ".dicom", ".dic", ".ima"), "medseg.data.dicom.reader:DicomReader"),
     Format("nifti", (".nii.gz", ".nii"), "medseg.data.nifti_reader:NiftiReader"),
     Format("mat", (".mat",), "medseg.data.mat_reader:MatReader"),
     Format("nrrd", (".nrrd", ".nhdr")),

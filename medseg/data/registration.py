@@ -35,7 +35,7 @@ _TARGET = "monai.transforms.io.array"
 #: ``SUPPORTED_READERS`` key -> (module, class name)
 READER_KEYS: dict[str, tuple[str, str]] = {
     "matreader": ("medseg.data.mat_reader", "MatReader"),
-    "dicomreader": ("medseg.data.dicom_reader", "DicomReader"),
+    "dicomreader": ("medseg.data.dicom.reader", "DicomReader"),
 }
 
 
