@@ -104,7 +104,7 @@ def main() -> None:
         from medseg.predict.discovery import discover_cases
 
         cases = discover_cases(src)
-        batches = [p._prepare(c, "").batch for c in cases]
+        batches = [p.loader.load(c, "").batch for c in cases]
         amp = torch.autocast("cuda", dtype=torch.float16) if p.amp else contextlib.nullcontext()
 
         def pure_run() -> float:

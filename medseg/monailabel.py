@@ -186,20 +186,37 @@ def _check_metadata(bundle: Path) -> tuple[str, str, dict[str, int], int, str, s
 
 
 def _load_state_dict(bundle: Path, weights: Path) -> dict[str, Any]:
-    import torch
+    """The checkpoint's state dict, in any layout ``medseg predict`` accepts (:mod:`medseg.bundle`)."""
+    from medseg import bundle as bundle_access
 
     try:
-        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BundleError(bundle, f"models/{weights.name} cannot be loaded with torch.load: {exc}") from exc
-    # MONAI Label accepts a bare state dict or {"model": state_dict} (BasicInferTask.model_state_dict)
-    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
-        checkpoint = checkpoint["model"]
-    if not isinstance(checkpoint, Mapping) or not all(hasattr(v, "shape") for v in checkpoint.values()):
-        raise BundleError(
-            bundle, f"models/{weights.name} is neither a state dict nor {{'model': state_dict}}"
-        )
-    return dict(checkpoint)
+        return bundle_access.read_state_dict(weights)
+    except bundle_access.BundleError as exc:
+        raise BundleError(bundle, f"models/{weights.name}: {exc.reason}") from None
+
+
+def _monailabel_reads(weights: Path) -> bool:
+    """Whether MONAI Label reads the checkpoint as it is: a bare state dict or ``{"model": state_dict}``
+    without a ``module.`` prefix (``BasicInferTask`` loads other layouts with ``strict=False``, i.e. not)."""
+    import torch
+
+    obj = torch.load(weights, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not obj or not all(hasattr(v, "shape") for v in obj.values()):
+        return False
+    return not all(str(k).startswith("module.") for k in obj)
+
+
+def _normalise_weights(bundle: Path) -> None:
+    """Rewrite ``models/model.pt`` of an installed copy as a bare state dict when MONAI Label would not
+    read its layout (``{"state_dict": ...}``, a DDP ``module.`` prefix): the same checkpoints as
+    ``medseg predict`` then serve the trained network."""
+    import torch
+
+    weights = bundle / "models" / "model.pt"
+    if weights.is_file() and not _monailabel_reads(weights):
+        torch.save(_load_state_dict(bundle, weights), weights)
 
 
 def _check_weights(bundle: Path, infer_file: Path, weights: Path) -> None:
@@ -418,8 +435,18 @@ def prepare_app(
         )
     model_dir = app / "model"
     model_dir.mkdir(exist_ok=True)
+    for summary in summaries.values():
+        weights = summary.path / "models" / "model.pt"
+        if link and check_weights and weights.is_file() and not _monailabel_reads(weights):
+            raise BundleError(
+                summary.path,
+                "models/model.pt is a checkpoint layout MONAI Label does not read (it would serve an "
+                "untrained network); install a copy (without --link), which stores it as a plain state dict",
+            )
     for name, summary in summaries.items():
         _install_bundle(summary.path, model_dir / name, link)
+        if not link:
+            _normalise_weights(model_dir / name)
     return summaries
 
 

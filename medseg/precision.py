@@ -168,6 +168,18 @@ def _probe_cpu_bf16(rounds: int = 6) -> tuple[bool, str]:
     return speedup >= _PROBE_MIN_SPEEDUP, f"probe: bf16 convolution {speedup:.1f}x the speed of fp32"
 
 
+def _cpu_flags() -> set[str] | None:
+    """The CPU feature flags the Linux kernel reports (``/proc/cpuinfo``); ``None`` elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
 def _agree_across_ranks(supported: bool) -> bool:
     """Under ``torch.distributed`` (gloo, the CPU backend) every rank takes the same answer: native bf16
     only when every rank found it, so that all replicas build the same network layout (DDP checks it)."""
@@ -187,9 +199,10 @@ def cpu_bf16_support() -> tuple[bool, str]:
     """Whether this CPU computes bf16 natively (fast), and why: ``(supported, reason)``.
 
     ``MEDSEG_CPU_BF16=1``/``0`` forces the answer. Otherwise torch's report (oneDNN present and bf16
-    supported by it, on an AVX-512 or AMX capable CPU) is confirmed by a timed probe (a few ms), since
-    oneDNN also "supports" bf16 by emulation on AVX-512 CPUs without the BF16 extension, which is slower
-    than fp32. In a distributed (gloo) run the ranks agree on one answer.
+    supported by it, on an AVX-512 or AMX capable CPU) is confirmed by the CPU's ``avx512_bf16`` /
+    ``amx_bf16`` flags where the OS reports them (Linux), else by a timed probe (a few ms), since oneDNN
+    also "supports" bf16 by emulation on AVX-512 CPUs without the BF16 extension, which is slower than
+    fp32. In a distributed (gloo) run the ranks agree on one answer.
     """
     forced = os.environ.get(ENV_CPU_BF16, "").strip().lower()
     if forced in ("1", "true", "yes", "on"):
@@ -205,7 +218,13 @@ def cpu_bf16_support() -> tuple[bool, str]:
         reported = False
     if not reported or "AVX512" not in capability.upper():
         return False, f"torch reports no oneDNN bf16 support (CPU capability {capability})"
-    ok, reason = _probe_cpu_bf16()
+    flags = _cpu_flags()
+    if flags is not None:  # the hardware's own answer: deterministic, unlike a timing on a busy machine
+        native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+        reason = f"CPU flags {', '.join(native)}" if native else "no avx512_bf16/amx_bf16 CPU flag"
+        ok = bool(native)
+    else:
+        ok, reason = _probe_cpu_bf16()
     agreed = _agree_across_ranks(ok)
     if agreed != ok:
         reason += "; another process of this distributed run found no native bf16"

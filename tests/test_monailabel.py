@@ -141,6 +141,37 @@ def test_prepare_app_copies_bundle_without_outputs(tmp_path: Path) -> None:
     assert [p.name for p in (app / "model").iterdir()] == ["unet_nuclei_2d"]
 
 
+@pytest.mark.parametrize("layout", ["bare", "model", "state_dict", "ddp", "ddp_in_model"])
+def test_predict_and_prepare_accept_the_same_checkpoint_layouts(tmp_path: Path, layout: str) -> None:
+    """Every layout MONAI / DDP / Lightning save loads in medseg predict's engine and passes the MONAI Label
+    check; the installed copy is one MONAI Label reads (a bare state dict or {"model": ...}, no prefix)."""
+    from medseg.bundle import load_weights
+    from medseg.monailabel import _monailabel_reads
+
+    bundle = _bundle_with_weights(tmp_path / "src")
+    weights = bundle / "models" / "model.pt"
+    sd = torch.load(weights, weights_only=True)
+    ddp = {f"module.{k}": v for k, v in sd.items()}
+    obj = {"bare": sd, "model": {"model": sd, "epoch": 3}, "state_dict": {"state_dict": sd},
+           "ddp": ddp, "ddp_in_model": {"model": ddp}}[layout]  # fmt: skip
+    torch.save(obj, weights)
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "inference.json")
+    net = parser.get_parsed_content("network_def")
+    load_weights(net, weights)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in sd.items())
+    check_bundle(bundle)
+    app = _fake_app(tmp_path)
+    prepare_app(app, [bundle])
+    installed = app / "model" / "unet_nuclei_2d" / "models" / "model.pt"
+    assert _monailabel_reads(installed)
+    if layout in ("state_dict", "ddp", "ddp_in_model"):
+        with pytest.raises(BundleError, match="does not read"):
+            prepare_app(app, [bundle], link=True)
+
+
 def test_cli_prepare_reports_the_failing_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from medseg.monailabel import main
 

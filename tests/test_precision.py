@@ -75,6 +75,7 @@ def test_explicit_choices_and_aliases(bf16_cpu, caplog: pytest.LogCaptureFixture
 
 def test_detection_needs_torch_report_and_probe(bf16_cpu, monkeypatch: pytest.MonkeyPatch) -> None:
     bf16_cpu(None)
+    monkeypatch.setattr(mp, "_cpu_flags", lambda: None)  # no /proc/cpuinfo: the timed probe decides
     monkeypatch.setattr(mp, "_probe_cpu_bf16", lambda: (False, "probe: bf16 convolution 0.9x"))
     assert not cpu_bf16_support()[0]  # torch's report alone is not enough
     assert resolve_precision("auto", "cpu").name == "fp32"
@@ -82,6 +83,23 @@ def test_detection_needs_torch_report_and_probe(bf16_cpu, monkeypatch: pytest.Mo
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     monkeypatch.setattr(mp, "_probe_cpu_bf16", lambda: pytest.fail("probe run without oneDNN"))
     assert cpu_bf16_support() == (False, "oneDNN (mkldnn) is not available in this torch build")
+
+
+def test_cpu_flags_decide_without_timing(bf16_cpu, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the OS lists the CPU's flags, ``avx512_bf16`` / ``amx_bf16`` decide (the same answer on a busy
+    machine, so the resume key of ``medseg predict`` with ``auto`` does not flip between runs)."""
+    if "AVX512" not in torch.backends.cpu.get_cpu_capability().upper():
+        pytest.skip("needs an AVX-512 CPU (torch reports bf16 support only there)")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(
+        mp, "_probe_cpu_bf16", lambda: pytest.fail("timed probe run although flags are known")
+    )
+    for flags, native in (({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True), ({"avx512f"}, False)):
+        bf16_cpu(None)
+        monkeypatch.setattr(mp, "_cpu_flags", lambda f=flags: set(f))
+        assert cpu_bf16_support()[0] is native
+    real = mp._cpu_flags()
+    assert real is None or isinstance(real, set)
 
 
 def test_probe_runs_and_reports_a_speed_ratio() -> None:

@@ -5,7 +5,6 @@ nibabel's bundled test files."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import shutil
@@ -32,34 +31,13 @@ pytestmark = pytest.mark.skipif(
     reason="needs bundles/unet_ct_3d and sample_data/ct_3d",
 )
 
-# a smaller network, coarser grid and tile than the bundle's defaults: same pipeline, ~10x faster
-OVERRIDE = {
-    "network_def#features": 4,
-    "network_def#depth": 2,
-    "target_spacing": [6.0, 6.0, 8.0],
-    "tile_size": [64, 64, 32],
-}
-
-
 def _temp_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if ".tmp" in p.name]
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tmp copy of unet_ct_3d with an override config and a randomly initialised model.pt."""
-    from monai.bundle import ConfigParser
-
-    dst = tmp_path_factory.mktemp("bundle") / "unet_ct_3d"
-    shutil.copytree(BUNDLE / "configs", dst / "configs")
-    (dst / "models").mkdir()
-    (dst / "configs" / "tiny.json").write_text(json.dumps(OVERRIDE))
-    parser = ConfigParser()
-    parser.read_config([str(dst / "configs" / "inference.json"), str(dst / "configs" / "tiny.json")])
-    torch.manual_seed(0)
-    net = parser.get_parsed_content("network_def")
-    torch.save(net.state_dict(), dst / "models" / "model.pt")
-    return dst
+def bundle(ct_bundle: Path) -> Path:
+    return ct_bundle
 
 
 def _configs(bundle: Path) -> list[str]:
@@ -419,7 +397,7 @@ def test_foreground_threshold_equals_argmax_of_inverted_probabilities(bundle: Pa
     assert not any(isinstance(t, SaveImaged) for t in steps)
     act, _, inv, _ = steps
     case = next(c for c in discover_cases(CT / "images") if c.id.startswith("case_001"))
-    prep = predictor._prepare(case, "")
+    prep = predictor.loader.load(case, "")
     pred, _ = predictor._infer(prep)
     ours = predictor.postprocessing({**prep.data, "pred": pred.clone()})["pred"]
     probs = Compose([act, inv])({**prep.data, "pred": pred.clone()})["pred"]  # both, on the source grid
@@ -438,11 +416,11 @@ def test_engine_postprocessing_drops_savers_and_speeds_up_argmax(tmp_path: Path)
     from monai.data import MetaTensor
     from monai.transforms import AsDiscrete, AsDiscreted, Compose, SaveImaged
 
-    from medseg.predict.engine import _prepare_postprocessing
+    from medseg.predict.sinks import prepare_postprocessing
 
     saver = SaveImaged("pred", output_dir=tmp_path)
     original = Compose([AsDiscreted("pred", argmax=True, dtype=torch.uint8), saver])
-    fast = _prepare_postprocessing(original)
+    fast = prepare_postprocessing(original)
     assert len(fast.transforms) == 1 and type(fast.transforms[0].converter) is not AsDiscrete
     assert type(original.transforms[0].converter) is AsDiscrete and len(original.transforms) == 2  # untouched
     x = torch.randn(2, 20, 21, 22, generator=torch.Generator().manual_seed(0))
@@ -455,7 +433,7 @@ def test_engine_postprocessing_drops_savers_and_speeds_up_argmax(tmp_path: Path)
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 5])
 def test_channel_argmax_equals_torch_argmax(channels: int) -> None:
-    from medseg.predict.engine import channel_argmax
+    from medseg.predict.sinks import channel_argmax
 
     x = torch.randn(channels, 9, 8, 7, generator=torch.Generator().manual_seed(channels))
     x[:, :3] = 0.5  # exact ties: the first maximal channel wins

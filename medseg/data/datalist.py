@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from medseg.data.errors import ReadError
+from medseg.data.formats import format_of, strip_suffix
 
 __all__ = [
     "DATALIST_NAME",
-    "IMAGE_SUFFIXES",
     "check_group_leak",
     "load_datalist",
     "mat_patient_id",
@@ -40,23 +40,11 @@ __all__ = [
 
 #: the datalist file looked for in a dataset folder
 DATALIST_NAME = "datalist.json"
-#: file name endings recognised as images in the folder layouts
-IMAGE_SUFFIXES: tuple[str, ...] = (
-    ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm", ".mat", ".png", ".tif", ".tiff", ".jpg", ".jpeg",
-)
 _SPLITS = ("training", "validation", "test")
 
 
-def _strip_suffix(name: str) -> str:
-    low = name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if low.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _case_stem(path: Path) -> str:
-    stem = _strip_suffix(path.name)
+    stem = strip_suffix(path.name)
     return stem[:-5] if stem.endswith("_0000") else stem
 
 
@@ -65,7 +53,7 @@ def _is_image_entry(path: Path) -> bool:
         return False
     if path.is_dir():
         return True  # a DICOM series folder
-    return path.name.lower().endswith(IMAGE_SUFFIXES)
+    return format_of(path) is not None  # by suffix; a suffix-less file by its DICOM preamble
 
 
 def _entries(folder: Path) -> list[Path]:

@@ -5,10 +5,11 @@ MONAI's ``LoadImage(reader=R)`` tries every other registered reader when ``R`` r
 of a DICOM folder, another field of a ``.mat`` file). A reader given *at call time*,
 ``LoadImage()(path, reader=R)``, is used alone. :class:`StrictLoadImage` always calls that way:
 
-* with ``reader=`` given, the designated reader (the last one whose ``verify_suffix`` accepts the path,
-  else the last one) reads the file; its error is the error;
-* without, the reader is chosen once, by the format table (:mod:`medseg.data.formats`) and the readers'
-  ``verify_suffix`` as MONAI's auto-selection does, and its error is the error.
+* a designated reader (``reader=``) that claims the path (``verify_suffix``) reads it; its error is the
+  error;
+* a path no designated reader claims (or with none designated) gets the one reader MONAI's
+  auto-selection picks by suffix (medseg registers its DICOM and ``.mat`` readers there, by the format
+  table of :mod:`medseg.data.formats`), and its error is the error.
 
 Before any reader runs, :func:`preflight` refuses what must never be read: a missing path, a FIFO /
 socket / device (reading blocks or never ends), an empty file, and a file whose header declares more
@@ -117,14 +118,13 @@ class StrictLoadImage(LoadImage):
         return out
 
     def choose_reader(self, filename: Sequence[PathLike] | PathLike) -> ImageReader:
-        """The one reader for ``filename``: a designated one, else the table's / MONAI's auto choice."""
+        """The one reader for ``filename``, chosen before reading: the last designated reader that claims
+        it (``verify_suffix``), else the last registered reader that claims it (MONAI's auto-selection,
+        medseg's DICOM and ``.mat`` readers included); a path no reader claims is an error."""
         names = ensure_tuple(filename)
-        candidates = self.designated or self.readers
-        for r in reversed(candidates):
+        for r in [*reversed(self.designated), *reversed(self.readers)]:
             if r.verify_suffix(names):
                 return r
-        if self.designated:
-            return self.designated[-1]
         first = os.fspath(names[0]) if names else "<none>"
         raise ReadError(first, "not an image format medseg reads (unknown suffix, no DICOM preamble)")
 

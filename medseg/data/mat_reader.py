@@ -45,10 +45,10 @@ import scipy.io.matlab
 import scipy.sparse
 from monai.config import PathLike
 from monai.data import ImageReader
-from monai.data.utils import is_supported_format
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys, ensure_tuple
 
 from medseg.data.errors import ReadError
+from medseg.data.formats import format_of
 
 __all__ = ["MatReader", "MatImage", "FIGSHARE_IMAGE_FIELD", "FIGSHARE_MASK_FIELD"]
 
@@ -298,8 +298,10 @@ class MatReader(ImageReader):
         self.meta_siblings = meta_siblings
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
-        """True for ``.mat`` files."""
-        return is_supported_format(filename, ["mat"])
+        """True for ``.mat`` files (:mod:`medseg.data.formats`)."""
+        names = ensure_tuple(filename)
+        kinds = [getattr(format_of(n, sniff=False), "name", None) for n in names]
+        return len(kinds) > 0 and all(k == "mat" for k in kinds)
 
     def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> MatImage | list[MatImage]:
         """Read the chosen field of each file (``field=`` in ``kwargs`` overrides the constructor's)."""

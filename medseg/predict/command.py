@@ -135,10 +135,12 @@ def run_predict(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
 
     from medseg.predict.discovery import discover_cases
-    from medseg.predict.engine import BatchPredictor, SetupError
+    from medseg.predict.engine import BatchPredictor, SetupError, check_output_dir
 
     try:
-        if not discover_cases(args.input, exclude=[out]):
+        check_output_dir(out, args.input)
+        cases = discover_cases(args.input, exclude=[out])
+        if not cases:
             print(f"medseg predict: {args.input}: no cases found", file=sys.stderr)
             return EXIT_SETUP
         predictor = BatchPredictor.from_bundle(
@@ -158,7 +160,7 @@ def run_predict(args: argparse.Namespace) -> int:
     except (SetupError, OSError) as e:
         print(f"medseg predict: {e}", file=sys.stderr)
         return EXIT_SETUP
-    rows = predictor.run(args.input)
+    rows = predictor.run(args.input, cases=cases)
     counts = {s: sum(r.status == s for r in rows) for s in ("ok", "skipped", "failed")}
     print(
         f"medseg predict: {len(rows)} case(s): "

@@ -12,24 +12,37 @@ name (no patient data in output names).
 
 Things that cannot be a case still become cases, so that they show up as *failed* rows rather than
 disappear: an empty folder, a file of unknown type (a stray text file), a DICOM file whose header is
-unreadable. Hidden files, ``DICOMDIR`` and documentation / sidecar files (``.json``, ``.md``, ...)
-are ignored.
+unreadable, a FIFO / socket / device (never opened: reading one blocks). Hidden files, ``DICOMDIR`` and
+documentation / sidecar files (``.json``, ``.md``, ...) are ignored. What is an image and what is DICOM
+is decided by the one format table, :mod:`medseg.data.formats`. Each DICOM file's header is scanned
+once, here; the scan travels with the case to the reader.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from medseg.data.dicom_reader import DICOM_SUFFIXES, has_dicom_preamble
+from medseg.data.formats import (
+    IGNORED_SUFFIXES,
+    LIST_SUFFIXES,
+    format_of,
+    is_ignored,
+    path_kind,
+    suffix_of,
+)
+from medseg.data.formats import (
+    strip_suffix as strip_image_suffix,
+)
 
 __all__ = [
     "Case",
     "IGNORED_SUFFIXES",
-    "IMAGE_SUFFIXES",
     "LIST_SUFFIXES",
     "case_id",
     "discover_cases",
@@ -38,17 +51,6 @@ __all__ = [
     "select_shard",
     "shard_from_env",
 ]
-
-#: image formats handed to the bundle's loader as one case each
-IMAGE_SUFFIXES = (
-    ".nii", ".nii.gz", ".mat", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
-    ".bmp", ".npy", ".npz", ".h5", ".hdf5",
-)  # fmt: skip
-#: sidecar / documentation files skipped silently (``--input`` may still point at a list file)
-IGNORED_SUFFIXES = (".json", ".md", ".rst", ".csv", ".yaml", ".yml", ".xml", ".html", ".pdf", ".log", ".raw")
-IGNORED_NAMES = ("DICOMDIR", "LICENSE", "Thumbs.db")
-#: ``--input`` files with these suffixes are list files: one path per line (``#`` comments)
-LIST_SUFFIXES = (".txt", ".lst", ".list")
 
 _ID_MAX = 120
 
@@ -66,6 +68,8 @@ class Case:
         files: absolute paths of the files the case is made of (what the fingerprint covers).
         series_uid: SeriesInstanceUID of a series case (to pick it from a folder with several).
         error: set by discovery when the case is known to be unusable (the row will say why).
+        headers: the DICOM header scans of the case's files (:func:`medseg.data.dicom.headers.scan_file`),
+            handed to the reader so that no header is read twice.
     """
 
     id: str
@@ -75,7 +79,7 @@ class Case:
     files: tuple[str, ...] = ()
     series_uid: str | None = None
     error: str | None = None
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    headers: tuple[Any, ...] = field(default=(), compare=False, hash=False, repr=False)
 
     @property
     def is_dicom(self) -> bool:
@@ -83,19 +87,11 @@ class Case:
 
 
 # ----------------------------------------------------------------------------------------------- ids
-def _strip_suffix(name: str) -> str:
-    lower = name.lower()
-    for suffix in sorted(IMAGE_SUFFIXES + DICOM_SUFFIXES, key=len, reverse=True):
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def case_id(relative: str, strip_suffix: bool = True) -> str:
     """Sanitised id of a relative path: ``a/b c/x.nii.gz`` -> ``a__b-c__x`` (at most 120 characters)."""
     parts = [p for p in re.split(r"[\\/]+", relative) if p not in ("", ".")]
     if parts and strip_suffix:
-        parts[-1] = _strip_suffix(parts[-1])
+        parts[-1] = strip_image_suffix(parts[-1])
     parts = [re.sub(r"-+", "-", re.sub(r"[^A-Za-z0-9_-]", "-", p)).strip("-") or "x" for p in parts]
     out = "__".join(parts) or "input"
     if len(out) > _ID_MAX:
@@ -113,45 +109,32 @@ def _unique_ids(cases: list[Case]) -> list[Case]:
     for c in cases:
         if counts[c.id] > 1:
             digest = hashlib.sha256(c.input.encode()).hexdigest()[:8]
-            c = Case(
-                f"{c.id[: _ID_MAX - 9]}-{digest}", c.input, c.path, c.kind, c.files, c.series_uid, c.error
-            )
+            c = dataclasses.replace(c, id=f"{c.id[: _ID_MAX - 9]}-{digest}")
         out.append(c)
     return out
 
 
 # ----------------------------------------------------------------------------------------- sniffing
-def _lower_suffix(name: str) -> str:
-    lower = name.lower()
-    if lower.endswith(".nii.gz"):
-        return ".nii.gz"
-    return os.path.splitext(lower)[1]
-
-
 def _is_dicom_file(path: str) -> bool:
-    if _lower_suffix(path) in DICOM_SUFFIXES:
-        return True
-    if _lower_suffix(path) in IMAGE_SUFFIXES:
-        return False
-    return has_dicom_preamble(path)
+    fmt = format_of(path)
+    return fmt is not None and fmt.name == "dicom"
 
 
-def _series_uid(path: str) -> tuple[str | None, str | None]:
-    """(SeriesInstanceUID, None) or (None, reason) from the header only."""
-    import pydicom
+def _scan(path: str) -> tuple[str | None, list[Any], str | None]:
+    """(SeriesInstanceUID, header scan, None) or (None, [], reason): the file's one header read."""
+    from medseg.data.dicom.headers import scan_file
 
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"], force=True)
-        uid = ds.get("SeriesInstanceUID")
-    except Exception as e:  # pydicom raises many types on garbage
-        return None, f"unreadable DICOM file ({type(e).__name__}: {e})"
+    slices, reason = scan_file(path)
+    if reason is not None or not slices:
+        return None, [], reason or "DICOM object without an image"
+    uid = slices[0].series_uid
     if not uid:
-        return None, "not a DICOM image (no SeriesInstanceUID)"
-    return str(uid), None
+        return None, [], "not a DICOM image (no SeriesInstanceUID)"
+    return str(uid), slices, None
 
 
 def _ignored(name: str) -> bool:
-    return name.startswith(".") or name in IGNORED_NAMES or _lower_suffix(name) in IGNORED_SUFFIXES
+    return is_ignored(name)
 
 
 # ---------------------------------------------------------------------------------------- discovery
@@ -164,11 +147,15 @@ def _rel(path: str, root: str) -> str:
 
 def _file_case(path: str, root: str) -> Case:
     rel = _rel(path, root)
-    suffix = _lower_suffix(path)
+    suffix = suffix_of(path)
+    if path_kind(path) == "special":
+        return Case(case_id(rel), rel, path, "unknown", (),
+                    error=f"{rel}: not a regular file (a FIFO, socket or device); not read")  # fmt: skip
     if _is_dicom_file(path):
-        _, reason = _series_uid(path)
-        return Case(case_id(rel), rel, path, "dicom-file", (path,), error=reason and f"{rel}: {reason}")
-    if suffix in IMAGE_SUFFIXES:
+        uid, headers, reason = _scan(path)
+        return Case(case_id(rel), rel, path, "dicom-file", (path,), uid, reason and f"{rel}: {reason}",
+                    tuple(headers))  # fmt: skip
+    if format_of(path, sniff=False) is not None:
         return Case(case_id(rel), rel, path, "image", (path,))
     return Case(
         case_id(rel, strip_suffix=False), rel, path, "unknown", (path,),
@@ -181,28 +168,31 @@ def _folder_cases(folder: str, dicom_files: list[str], root: str) -> list[Case]:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) + 2)) as pool:
-        uids = list(pool.map(_series_uid, dicom_files))
+        scans = list(pool.map(_scan, dicom_files))
     by_series: dict[str, list[str]] = {}
+    headers: dict[str, list[Any]] = {}
     cases: list[Case] = []
-    for f, (uid, reason) in zip(dicom_files, uids, strict=True):
+    for f, (uid, slices, reason) in zip(dicom_files, scans, strict=True):
         if uid is None:
             rel = _rel(f, root)
             cases.append(Case(case_id(rel), rel, f, "dicom-file", (f,), error=f"{rel}: {reason}"))
         else:
             by_series.setdefault(uid, []).append(f)
+            headers.setdefault(uid, []).extend(slices)
     rel_folder = _rel(folder, root)
     groups = sorted(by_series.items(), key=lambda kv: kv[1][0])  # by first file name, not by UID
     for uid, files in groups:
+        scanned = tuple(headers[uid])
         if len(files) == 1:
             rel = _rel(files[0], root)
-            cases.append(Case(case_id(rel), rel, files[0], "dicom-file", (files[0],), uid))
+            cases.append(Case(case_id(rel), rel, files[0], "dicom-file", (files[0],), uid, headers=scanned))
         elif len(groups) == 1:
-            cases.append(Case(case_id(rel_folder), rel_folder, folder, "dicom-series", tuple(files), uid))
+            cases.append(Case(case_id(rel_folder), rel_folder, folder, "dicom-series", tuple(files), uid,
+                              headers=scanned))  # fmt: skip
         else:  # several series in one folder: name each after its first file (stable, tag-free)
-            first = _strip_suffix(os.path.basename(files[0]))
-            cases.append(
-                Case(case_id(f"{rel_folder}/{first}"), rel_folder, folder, "dicom-series", tuple(files), uid)
-            )
+            first = strip_image_suffix(os.path.basename(files[0]))
+            cases.append(Case(case_id(f"{rel_folder}/{first}"), rel_folder, folder, "dicom-series",
+                              tuple(files), uid, headers=scanned))  # fmt: skip
     return cases
 
 
@@ -223,7 +213,7 @@ def _walk(root: str, exclude: Sequence[str]) -> list[Case]:
             )
             continue
         paths = [os.path.join(dirpath, n) for n in names]
-        dicom = [p for p in paths if _is_dicom_file(p)]
+        dicom = [p for p in paths if path_kind(p) == "file" and _is_dicom_file(p)]
         others = [p for p in paths if p not in set(dicom)]
         if dicom:
             cases.extend(_folder_cases(dirpath, dicom, root))
@@ -246,9 +236,10 @@ def _entry_cases(path: str, root: str) -> list[Case]:
     """Cases of one explicit entry (list file line / datalist item): a file, or a folder as one case."""
     path = os.path.abspath(path)
     rel = _rel(path, root)
-    if not os.path.exists(path):
+    kind = path_kind(path)
+    if kind == "missing":
         return [Case(case_id(rel), rel, path, "unknown", (), error=f"{rel}: no such file or folder")]
-    if os.path.isfile(path):
+    if kind != "folder":
         return [_file_case(path, root)]
     files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names if not _ignored(n))
     if not files:
@@ -277,7 +268,7 @@ def discover_cases(
         src = os.path.abspath(os.fspath(source))
         if os.path.isdir(src):
             cases = _walk(src, excl)
-        elif os.path.isfile(src) and _lower_suffix(src) in LIST_SUFFIXES:
+        elif os.path.isfile(src) and suffix_of(src) in LIST_SUFFIXES:
             entries = _read_list(src)
             root = os.path.dirname(src)
             cases = [c for e in entries for c in _entry_cases(e, root)]
@@ -303,7 +294,7 @@ def discover_cases(
 
 
 # ---------------------------------------------------------------------------------------- fingerprint
-def fingerprint(case: Case, root: str | None = None) -> str:
+def fingerprint(case: Case) -> str:
     """sha256 over the case's files: (path relative to the case, size, mtime in ns), sorted.
 
     Cheap even for thousands of DICOM slices (no pixel data is read); any edit, replacement, added or

@@ -181,8 +181,10 @@ def read_report(path: str) -> tuple[dict[str, Any], list[CaseResult]]:
 def merge_reports(output_dir: str) -> tuple[int, list[str]]:
     """Merge ``report.shard-i-of-n.json`` files into ``report.json`` / ``report.csv``.
 
-    Returns ``(exit status, problems)``: :data:`EXIT_SHARDS_MISSING` when a shard of ``n`` is
-    missing (the merged report is still written, for what there is), else the status of the rows.
+    When reports of several splits are there (a run repeated with another ``--shard i/n``), the newest
+    complete split is merged (newest: its latest report file), and the others are named in the problems.
+    Returns ``(exit status, problems)``: :data:`EXIT_SHARDS_MISSING` when no split is complete (the newest
+    one is merged for what there is), else the status of the merged rows.
     """
     found: dict[int, dict[int, str]] = {}
     for path in glob.glob(os.path.join(output_dir, "report.shard-*-of-*.json")):
@@ -191,10 +193,18 @@ def merge_reports(output_dir: str) -> tuple[int, list[str]]:
             found.setdefault(int(m.group(2)), {})[int(m.group(1))] = path
     if not found:
         return EXIT_SHARDS_MISSING, [f"{output_dir}: no report.shard-*-of-*.json to merge"]
-    n = max(found)  # the latest split if several were used
+    def newest(k: int) -> float:
+        return max(os.path.getmtime(f) for f in found[k].values())
+
+    complete = [k for k in found if set(found[k]) == set(range(k))]
+    n = max(complete or found, key=newest)
     problems = []
     if len(found) > 1:
-        problems.append(f"shard reports of several splits {sorted(found)}; merging the {n}-way split")
+        others = ", ".join(f"{k}-way" for k in sorted(found) if k != n)
+        problems.append(
+            f"shard reports of several splits; merging the newest {'complete ' if complete else ''}{n}-way "
+            f"split, ignoring the {others} one(s)"
+        )
     missing = sorted(set(range(n)) - set(found[n]))
     if missing:
         problems.append(f"missing shard reports: {', '.join(f'{i}/{n}' for i in missing)}")

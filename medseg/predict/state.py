@@ -43,8 +43,8 @@ def _temp_pattern(name: str) -> re.Pattern[str]:
     return re.compile(r"^\." + re.escape(name) + r"\..*\.tmp")
 
 
-def clean_case(output_dir: str, case_id: str, remove_outputs: bool = False) -> None:
-    """Delete temporary files a killed run left for this case (and its outputs if ``remove_outputs``)."""
+def clean_case(output_dir: str, case_id: str) -> None:
+    """Delete temporary files a killed run left for this case."""
     names = [os.path.basename(p) for p in output_paths(output_dir, case_id).values()]
     patterns = [_temp_pattern(n) for n in names]
     for folder, own in ((output_dir, names), (os.path.join(output_dir, STATE_DIR), [f"{case_id}.json"])):
@@ -54,7 +54,7 @@ def clean_case(output_dir: str, case_id: str, remove_outputs: bool = False) -> N
             continue
         pats = patterns if folder == output_dir else [_temp_pattern(own[0])]
         for e in entries:
-            if any(p.match(e) for p in pats) or (remove_outputs and folder == output_dir and e in own):
+            if any(p.match(e) for p in pats):
                 try:
                     os.remove(os.path.join(folder, e))
                 except FileNotFoundError:

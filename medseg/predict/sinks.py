@@ -1,0 +1,170 @@
+"""The sink side of batch prediction: post-processing and the writers, chosen from one output table.
+
+:class:`FileSink` applies the bundle's post-processing (``SaveImage(d)`` dropped: the sink writes its
+own outputs, atomically, as MONAI Label does), brings the mask back to the **source grid** (``Invertd``
+in the bundle's post-processing, else a nearest-neighbour resample by
+:func:`medseg.data.writers.mask_to_source_grid`) and writes the case's outputs (named by
+:data:`medseg.predict.state.OUTPUT_SUFFIXES`). A failure removes what the case had written so far: no
+partial output survives.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg.predict.report import label_stats
+from medseg.predict.sources import Loaded
+from medseg.predict.state import output_paths, unmark
+
+__all__ = ["FORMATS", "FileSink", "channel_argmax", "prepare_postprocessing"]
+
+#: ``--formats`` choices: the mask as NIfTI, and as DICOM SEG (DICOM cases only)
+FORMATS = ("nifti", "dicom-seg")
+
+
+def channel_argmax(
+    t: torch.Tensor, dim: int = 0, keepdim: bool = True, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """``torch.argmax(t, dim)`` (first maximal index) for finite ``t``, fast on CPU.
+
+    ``torch.argmax`` over the leading channel axis of a ``(C, *spatial)`` tensor reduces across
+    whole-volume strides; ``max(dim).indices`` is several times faster, and for two channels (binary
+    segmentation) one contiguous comparison ``t[1] > t[0]`` is (strict ``>`` keeps the first maximum on
+    ties, as ``torch.argmax``). ``dtype``: of the result (no int64 copy on the way).
+    """
+    if t.shape[dim] == 2:
+        lo, hi = t.unbind(dim)
+        idx = torch.gt(hi, lo).to(dtype)
+        return idx.unsqueeze(dim) if keepdim else idx
+    return t.max(dim=dim, keepdim=keepdim).indices.to(dtype)
+
+
+@functools.cache
+def _fast_as_discrete() -> type:
+    """A MONAI ``AsDiscrete`` whose argmax is :func:`channel_argmax` (same result for finite values:
+    the first maximal index, as ``torch.argmax``; the runner rejects non-finite network outputs)."""
+    from monai.data import MetaTensor
+    from monai.data.meta_obj import get_track_meta
+    from monai.transforms import AsDiscrete
+    from monai.utils.type_conversion import convert_to_dst_type, convert_to_tensor
+
+    class _FastArgmaxAsDiscrete(AsDiscrete):
+        def __call__(self, img: Any, argmax: bool | None = None, *args: Any, **kwargs: Any) -> Any:
+            if self.argmax if argmax is None else argmax:
+                t = convert_to_tensor(img, track_meta=get_track_meta())
+                raw = t.as_tensor() if isinstance(t, MetaTensor) else t
+                dim, keep = self.kwargs.get("dim", 0), self.kwargs.get("keepdim", True)
+                dtype = self.kwargs.get("dtype", torch.float)  # AsDiscrete's output dtype
+                labels = channel_argmax(raw, dim=dim, keepdim=keep, dtype=dtype)
+                img, *_ = convert_to_dst_type(labels, t, dtype=dtype)
+            return super().__call__(img, False, *args, **kwargs)
+
+    return _FastArgmaxAsDiscrete
+
+
+def prepare_postprocessing(transform: Any) -> Any:
+    """Drop ``SaveImage`` / ``SaveImaged`` from a (possibly nested) ``Compose``; give ``AsDiscrete(d)``
+    the fast argmax of :func:`channel_argmax` (copies: the caller's transforms are left untouched)."""
+    from monai.transforms import AsDiscrete, AsDiscreted, Compose, SaveImage, SaveImaged
+
+    if isinstance(transform, (SaveImage, SaveImaged)):
+        return None
+    if isinstance(transform, Compose):
+        kept = [t for t in (prepare_postprocessing(t) for t in transform.transforms) if t is not None]
+        out = copy.copy(transform)
+        out.transforms = kept
+        return out
+    if type(transform) is AsDiscrete:
+        out = copy.copy(transform)
+        out.__class__ = _fast_as_discrete()
+        return out
+    if type(transform) is AsDiscreted and type(transform.converter) is AsDiscrete:
+        out = copy.copy(transform)
+        out.converter = prepare_postprocessing(transform.converter)
+        return out
+    return transform
+
+
+class FileSink:
+    """Post-process a prediction and write the case's outputs (see the module docstring).
+
+    Args:
+        output_dir: where the outputs go (``<id><suffix>``, :data:`medseg.predict.state.OUTPUT_SUFFIXES`).
+        postprocessing: the bundle's dictionary post-processing (``None``: the prediction is the mask).
+        formats: any of :data:`FORMATS`.
+        overlays: also write a QC overlay PNG.
+        labels: label value -> name (the bundle's ``channel_def``; DICOM SEG segments, report columns).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        postprocessing: Callable | None,
+        formats: Sequence[str] = ("nifti",),
+        overlays: bool = False,
+        labels: Mapping[int, str] | None = None,
+        image_key: str = "image",
+        pred_key: str = "pred",
+        instance_key: str = "instances",
+    ) -> None:
+        self.output_dir = output_dir
+        self.postprocessing = prepare_postprocessing(postprocessing) if postprocessing is not None else None
+        self.formats = tuple(formats)
+        self.overlays = overlays
+        self.labels = dict(labels or {})
+        self.image_key, self.pred_key, self.instance_key = image_key, pred_key, instance_key
+
+    def write(self, loaded: Loaded, pred: Any) -> tuple[dict[str, Any], float]:
+        """Post-process and write; returns the row's output fields and the seconds it took."""
+        from medseg.data.writers import mask_to_source_grid, write_dicom_seg, write_nifti_mask
+
+        t0 = time.perf_counter()
+        case = loaded.case
+        d = {**loaded.data, self.pred_key: pred}
+        if self.postprocessing is not None:
+            d = dict(self.postprocessing(d))
+        mask, affine = mask_to_source_grid(d[self.pred_key], loaded.source_meta)
+        ref = {**loaded.source_meta, "affine": affine, "original_affine": affine,
+               "spatial_shape": np.asarray(mask.shape)}  # fmt: skip
+        paths = output_paths(self.output_dir, case.id)
+        written: list[str] = []
+        objects: int | None = None
+        try:
+            if "nifti" in self.formats:
+                written.append(write_nifti_mask(mask, ref, paths["nifti"]))
+            instances = d.get(self.instance_key)
+            if instances is not None:  # instance labels from the bundle's post-processing
+                inst, _ = mask_to_source_grid(instances, loaded.source_meta)
+                objects = int(inst.max()) if inst.size else 0
+                dtype = np.uint16 if objects < 65536 else np.uint32
+                written.append(write_nifti_mask(inst, ref, paths["instances"], dtype=dtype))
+            if "dicom-seg" in self.formats and case.is_dicom:
+                labels = self.labels or None
+                present = set(np.flatnonzero(np.bincount(mask.ravel())).tolist()) - {0}  # mask: uint8/16
+                if labels is not None and not present <= set(labels):
+                    labels = None
+                written.append(write_dicom_seg(mask, None, paths["dicom-seg"], labels, reference=ref))
+            if self.overlays:
+                from medseg.overlays import save_overlay_png
+
+                src = loaded.source if loaded.source is not None else loaded.data[self.image_key]
+                written.append(save_overlay_png(src, mask, paths["overlay"]))
+            voxels, volume = label_stats(mask, affine, self.labels)
+        except BaseException:
+            unmark(self.output_dir, case.id, written)
+            raise
+        row = {
+            "outputs": [os.path.relpath(p, self.output_dir) for p in written],
+            "voxels": voxels,
+            "volume_ml": volume,
+            "objects": objects,
+        }
+        return row, time.perf_counter() - t0
