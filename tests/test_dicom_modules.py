@@ -182,4 +182,3 @@ def test_compatibility_module_reexports() -> None:
     assert old.DicomReader is reader.DicomReader and old.DicomVolume is reader.DicomVolume
     assert old.KEPT_TAGS is headers.KEPT_TAGS
     assert old.DICOM_SUFFIXES == formats.image_suffixes("dicom") == (".dcm", ".dicom", ".dic", ".ima")
-    assert old.has_dicom_preamble(get_testdata_file("CT_small.dcm"))

@@ -1,8 +1,7 @@
 """The DICOM reader's former single module, kept so that existing imports keep working.
 
 The reader lives in the package :mod:`medseg.data.dicom` (header scan, series choice, geometry, pixel
-decoding, the MONAI ``ImageReader``); this module re-exports its public names, and
-``has_dicom_preamble`` as :func:`medseg.data.formats.is_dicom_file` (PS3.10 Sec. 7.1).
+decoding, the MONAI ``ImageReader``); this module re-exports its public names.
 """
 
 from __future__ import annotations
@@ -10,6 +9,5 @@ from __future__ import annotations
 from medseg.data.dicom import DICOM_SUFFIXES
 from medseg.data.dicom.headers import KEPT_TAGS
 from medseg.data.dicom.reader import DicomReader, DicomVolume
-from medseg.data.formats import is_dicom_file as has_dicom_preamble
 
-__all__ = ["DICOM_SUFFIXES", "KEPT_TAGS", "DicomReader", "DicomVolume", "has_dicom_preamble"]
+__all__ = ["DICOM_SUFFIXES", "KEPT_TAGS", "DicomReader", "DicomVolume"]
