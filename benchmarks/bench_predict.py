@@ -21,7 +21,6 @@ Uses ``bundles/unet_ct_3d`` with its ``models/model.pt`` (random weights when ab
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -105,7 +104,6 @@ def main() -> None:
 
         cases = discover_cases(src)
         batches = [p.loader.load(c, "").batch for c in cases]
-        amp = torch.autocast("cuda", dtype=torch.float16) if p.amp else contextlib.nullcontext()
 
         def pure_run() -> float:
             total = 0.0
@@ -113,8 +111,8 @@ def main() -> None:
                 x = batch.to(p.device)
                 sync(p.device)
                 t = time.perf_counter()
-                with torch.no_grad(), amp:
-                    p.inferer(x, p.network)
+                with torch.no_grad():
+                    p._inferer(x, p.network)  # the engine's inferer: in the predictor's precision
                 sync(p.device)
                 total += time.perf_counter() - t
             return total
