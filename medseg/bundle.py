@@ -23,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "BundleError",
+    "label_channel_def",
     "load_weights",
     "network_io",
     "read_metadata",
@@ -117,17 +118,29 @@ def read_metadata(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def label_channel_def(meta: Mapping[str, Any]) -> Any:
+    """The label value -> name mapping of the bundle's written masks: ``channel_def`` of the first
+    ``post_processed_outputs`` entry when the metadata has one (e.g. a 1-channel sigmoid network whose
+    masks hold 0 = background, 1 = tumour), else of the first network output."""
+    fmt = meta.get("network_data_format", {}) if isinstance(meta, Mapping) else {}
+    for section in ("post_processed_outputs", "outputs"):
+        entries = fmt.get(section) if isinstance(fmt, Mapping) else None
+        first = next(iter(entries.values()), None) if isinstance(entries, Mapping) and entries else None
+        if isinstance(first, Mapping) and "channel_def" in first:
+            return first["channel_def"]
+    return None
+
+
 def network_io(meta: Mapping[str, Any], network_def: Any = None) -> dict[str, Any]:
     """What the network takes and gives, from ``network_def``'s config and the metadata:
-    ``spatial_dims``, ``in_channels`` (``None`` when unknown) and ``labels`` (``channel_def``)."""
+    ``spatial_dims``, ``in_channels`` (``None`` when unknown) and ``labels`` (:func:`label_channel_def`)."""
     fmt = meta.get("network_data_format", {}) if isinstance(meta, Mapping) else {}
     inp = next(iter(fmt.get("inputs", {}).values()), {}) if isinstance(fmt, Mapping) else {}
-    out = next(iter(fmt.get("outputs", {}).values()), {}) if isinstance(fmt, Mapping) else {}
     net = network_def if isinstance(network_def, Mapping) else {}
     dims = net.get("spatial_dims") or (len(inp["spatial_shape"]) if "spatial_shape" in inp else None)
     chans = net.get("in_channels") or inp.get("num_channels")
     return {
         "spatial_dims": dims if isinstance(dims, int) else None,
         "in_channels": chans if isinstance(chans, int) else None,
-        "labels": out.get("channel_def"),
+        "labels": label_channel_def(meta),
     }

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     from medseg.monailabel import add_prepare_parser
 
     add_prepare_parser(sub)
+
+    from medseg.bundle_tools import add_bundle_parser
+
+    add_bundle_parser(sub)
     return parser
 
 

@@ -153,6 +153,9 @@ def _check_metadata(bundle: Path) -> tuple[str, str, dict[str, int], int, str, s
         )
     image_key, image = next(iter(inputs.items()))
     pred_key, pred = next(iter(outputs.items()))
+    post = fmt.get("post_processed_outputs")
+    if isinstance(post, dict) and isinstance(post.get(pred_key), dict) and "channel_def" in post[pred_key]:
+        pred = post[pred_key]  # the mask's label values (MONAI Label names the written mask's labels)
     shape = image.get("spatial_shape") if isinstance(image, dict) else None
     if not isinstance(shape, list) or len(shape) not in (2, 3):
         raise BundleError(
@@ -443,11 +446,42 @@ def prepare_app(
                 "models/model.pt is a checkpoint layout MONAI Label does not read (it would serve an "
                 "untrained network); install a copy (without --link), which stores it as a plain state dict",
             )
+        if link and _label_values_differ(summary.path):
+            raise BundleError(
+                summary.path,
+                "metadata post_processed_outputs names the mask's labels, which MONAI Label reads from "
+                "outputs only; install a copy (without --link), whose metadata is adapted",
+            )
     for name, summary in summaries.items():
         _install_bundle(summary.path, model_dir / name, link)
         if not link:
             _normalise_weights(model_dir / name)
+            _label_values_for_monailabel(model_dir / name)
     return summaries
+
+
+def _label_values_differ(bundle: Path) -> bool:
+    from medseg.bundle import label_channel_def, read_metadata
+
+    meta = read_metadata(bundle)
+    outputs = meta.get("network_data_format", {}).get("outputs", {})
+    first = next(iter(outputs.values()), {}) if isinstance(outputs, dict) else {}
+    labels = label_channel_def(meta)
+    return labels is not None and isinstance(first, dict) and first.get("channel_def") != labels
+
+
+def _label_values_for_monailabel(bundle: Path) -> None:
+    """In an installed copy, give the first output the mask's label values (``post_processed_outputs``):
+    MONAI Label names the labels of the mask it writes from ``outputs`` only."""
+    from medseg.bundle import label_channel_def, read_metadata
+    from medseg.io import atomic_write_text
+
+    if not _label_values_differ(bundle):
+        return
+    meta = read_metadata(bundle)
+    first = next(iter(meta["network_data_format"]["outputs"].values()))
+    first["channel_def"] = label_channel_def(meta)
+    atomic_write_text(bundle / "configs" / "metadata.json", json.dumps(meta, indent=4) + "\n")
 
 
 def start_server_command(

@@ -4,6 +4,8 @@
   ``dataset_dir`` do not depend on the working directory (MONAI itself offers no such value).
 - :func:`require_dir`: a bundle's default ``dataset_dir`` that exists only on some machines, with a hint
   where to get the data when it is missing.
+- :func:`bundle_dataset_dir`: the default ``dataset_dir``, inside the bundle (``data/``), else the sample
+  data of this source checkout for its own bundles, else a message saying where data goes.
 - :class:`OutputCropLoss`: lets MONAI's ``SupervisedTrainer`` (which calls ``loss(pred, label)``) train a
   valid-convolution U-Net, whose output is smaller than its input, with a per-pixel weight map.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["OutputCropLoss", "bundle_root", "center_crop_to", "require_dir"]
+__all__ = ["OutputCropLoss", "bundle_dataset_dir", "bundle_root", "center_crop_to", "require_dir"]
 
 
 def bundle_root(name: str | None = None) -> str:
@@ -109,3 +111,29 @@ class OutputCropLoss(nn.Module):
                 f"got shape {tuple(label.shape)}"
             )
         return self.loss(pred, label[:, :1], label[:, 1:])
+
+
+def bundle_dataset_dir(root: str | os.PathLike[str], sample: str | None = None, hint: str = "") -> str:
+    """The default ``dataset_dir`` of the bundle at ``root``, found without leaving the bundle.
+
+    In order: ``<root>/data`` when it is a folder (where a copied or exported bundle keeps its data);
+    for a bundle that is part of this source checkout (``<checkout>/bundles/<name>``), the checkout's
+    ``sample_data/<sample>``. Anything else raises ``FileNotFoundError`` naming where the data goes and
+    how ``--dataset_dir`` points the bundle at a folder elsewhere; ``hint`` adds where to get the data.
+    """
+    bundle = Path(root).expanduser().resolve()
+    local = bundle / "data"
+    if local.is_dir():
+        return str(local)
+    checkout = Path(__file__).resolve().parent.parent
+    if sample and bundle.parent == checkout / "bundles" and (checkout / "sample_data" / sample).is_dir():
+        return str(checkout / "sample_data" / sample)
+    get = f" {hint.rstrip('.')}." if hint else ""
+    sample_cmd = ""
+    if sample:
+        sample_cmd = f" Sample data: `medseg sample-data --out DIR --datasets {sample}`, then DIR/{sample}."
+    raise FileNotFoundError(
+        f"no dataset for the bundle {bundle}: put it in {local} (layout: docs/README.md, section Data), or "
+        "pass the folder that holds it with --dataset_dir, e.g. `python -m monai.bundle run training "
+        f"--config_file {bundle / 'configs' / 'train.json'} --dataset_dir /path/to/data`.{get}{sample_cmd}"
+    )

@@ -131,7 +131,9 @@ def test_bundle_layout_and_metadata(name: str) -> None:
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     fmt = meta["network_data_format"]
     assert list(fmt["inputs"]) == ["image"] and list(fmt["outputs"]) == ["pred"]
-    assert fmt["outputs"]["pred"]["channel_def"]["0"] == "background"
+    from medseg.bundle import label_channel_def
+
+    assert label_channel_def(meta)["0"] == "background"
     text = (root / "configs" / "inference.json").read_text()
     assert "_meta_" not in text, "MONAI Label cannot resolve _meta_ in inference.json"
     train = json.loads((root / "configs" / "train.json").read_text())
@@ -150,6 +152,88 @@ def test_bundle_layout_and_metadata(name: str) -> None:
     from monai.bundle import verify_metadata
 
     verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(SCHEMA))
+
+
+@pytest.mark.parametrize("name", NAMES[:3])
+def test_metadata_is_true(name: str) -> None:
+    """Installable pins that satisfy medseg's own requirements, channel_def per channel, value ranges,
+    eval_metrics where weights ship, a changelog entry for the version, all checked against the schema."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    root = BUNDLES / name
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    own = {Requirement(r).name.lower(): Requirement(r) for r in importlib.metadata.requires("medseg") or []}
+    pins = meta["required_packages_version"]
+    assert "medseg" not in {k.lower() for k in pins} and meta["medseg_version"]
+    for pkg, version in pins.items():
+        assert version and "+" not in version, f"{pkg}=={version}"
+        req = own.get(pkg.lower())
+        if req is not None and not req.marker:
+            assert req.specifier.contains(version, prereleases=True), f"{pkg}=={version} vs medseg's {req}"
+    for section in ("inputs", "outputs", "post_processed_outputs"):
+        for key, tensor in meta["network_data_format"].get(section, {}).items():
+            assert len(tensor["value_range"]) == 2, f"{section}.{key}: value_range"
+            channels = sorted(int(k) for k in tensor.get("channel_def", {}))
+            if tensor["format"] != "labels":
+                assert channels == list(range(tensor["num_channels"])), f"{section}.{key}: channel_def"
+    if (root / "models" / "model.pt").is_file():
+        assert meta["eval_metrics"] and all(v is not None for v in meta["eval_metrics"].values())
+    if not SCHEMA.is_file():
+        pytest.skip(f"schema {SCHEMA} absent")
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(SCHEMA))
+
+
+def test_record_environment(tmp_path: Path) -> None:
+    """``medseg bundle record-env`` writes the installed versions and keeps medseg out of the pins."""
+    import importlib.metadata
+
+    bundle = _copy_bundle("unet_ct_3d", tmp_path)
+    meta_file = bundle / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    meta["required_packages_version"].update({"medseg": "0.0.1", "fire": "0.4.0"})
+    meta["monai_version"] = "1.0.0"
+    meta_file.write_text(json.dumps(meta))
+    from medseg.cli import main
+
+    assert main(["bundle", "record-env", str(bundle)]) == 0
+    meta = json.loads(meta_file.read_text())
+    assert meta["monai_version"] == importlib.metadata.version("monai").split("+")[0]
+    assert meta["required_packages_version"]["fire"] == importlib.metadata.version("fire")
+    assert "medseg" not in meta["required_packages_version"]
+    assert meta["medseg_version"] == importlib.metadata.version("medseg")
+
+
+@pytest.mark.parametrize("name", NAMES[:3])
+def test_copied_bundle_says_where_data_goes(name: str, tmp_path: Path, sample_root: Path) -> None:
+    """A bundle outside this checkout has no data by default: the message names its data/ folder and
+    --dataset_dir; with data/ in the bundle, that folder is the default."""
+    from monai.bundle import ConfigWorkflow
+
+    bundle = _copy_bundle(name, tmp_path / "zoo" / "models")
+    for config, kind in (("train.json", "train"), ("inference.json", "infer")):
+        # properties are read inside ConfigWorkflow, as in a run (bundle_root follows the config file)
+        wf = ConfigWorkflow(
+            config_file=str(bundle / "configs" / config), workflow_type=kind, logging_file=False
+        )
+        wf.initialize()
+        with pytest.raises(RuntimeError) as info:  # MONAI wraps the error of an expression
+            wf.dataset_dir  # noqa: B018
+        assert isinstance(info.value.__cause__, FileNotFoundError)
+        text = str(info.value.__cause__)
+        assert str(bundle / "data") in text and "--dataset_dir" in text, text
+        assert "sample-data" in text
+    shutil.copytree(sample_root / DATASETS[name], bundle / "data")
+    wf = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "train.json"), workflow_type="train", logging_file=False
+    )
+    wf.initialize()
+    assert Path(wf.dataset_dir) == (bundle / "data").resolve()
+    assert Path(wf.bundle_root) == bundle.resolve()
 
 
 @pytest.mark.parametrize("name", NAMES)

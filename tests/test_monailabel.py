@@ -141,6 +141,23 @@ def test_prepare_app_copies_bundle_without_outputs(tmp_path: Path) -> None:
     assert [p.name for p in (app / "model").iterdir()] == ["unet_nuclei_2d"]
 
 
+def test_label_values_of_a_one_channel_network(tmp_path: Path) -> None:
+    """A 1-channel (sigmoid) network's metadata names its channel; the mask's values are in
+    post_processed_outputs: MONAI Label, which reads outputs only, gets them in the installed copy."""
+    bundle = _bundle_with_weights(tmp_path / "src", "unet_brain_tumor_mri")
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "tumor"}
+    summary = check_bundle(bundle)
+    assert summary.labels == {"tumor": 1}
+    app = _fake_app(tmp_path)
+    prepare_app(app, [bundle])
+    installed = json.loads((app / "model" / bundle.name / "configs" / "metadata.json").read_text())
+    pred = installed["network_data_format"]["outputs"]["pred"]
+    assert pred["channel_def"] == {"0": "background", "1": "tumor"}
+    with pytest.raises(BundleError, match="post_processed_outputs"):
+        prepare_app(app, [bundle], link=True)
+
+
 @pytest.mark.parametrize("layout", ["bare", "model", "state_dict", "ddp", "ddp_in_model"])
 def test_predict_and_prepare_accept_the_same_checkpoint_layouts(tmp_path: Path, layout: str) -> None:
     """Every layout MONAI / DDP / Lightning save loads in medseg predict's engine and passes the MONAI Label
