@@ -165,6 +165,31 @@ def _seam_errors(
     return err[near].max().item(), err[far].max().item()
 
 
+@pytest.mark.parametrize("padding,classes", [("same", 14), ("valid", 3), ("same", 1)])
+def test_label_output_equals_argmax_of_the_logits(padding: str, classes: int) -> None:
+    """``output="labels"`` writes each tile's argmax (one channel: > 0) into a uint8 map: the label map of
+    the stitched logits, at 1 byte per voxel whatever the number of classes."""
+    torch.manual_seed(3)
+    net = UNet(3, 1, classes, features=4, depth=2, padding=padding).eval()
+    x = torch.randn(1, 1, 70, 61, 45)
+    kwargs = {"roi_size": 48 if padding == "same" else 60, "sw_batch_size": 2, "overlap": 0.5}
+    with torch.no_grad():
+        logits = OverlapTileInferer(**kwargs, precision="fp32")(x, net)
+        labels = OverlapTileInferer(**kwargs, precision="fp32", output="labels")(x, net)
+    assert labels.dtype == torch.uint8 and labels.shape == (1, 1, 70, 61, 45)
+    expected = (
+        (logits > 0).to(torch.uint8) if classes == 1 else logits.argmax(1, keepdim=True).to(torch.uint8)
+    )
+    decided = (logits.topk(2, dim=1).values.diff(dim=1).abs() > 1e-6) if classes > 1 else logits.abs() > 1e-6
+    assert torch.equal(labels[decided], expected[decided])  # identical except exact ties
+    if classes > 1:
+        assert len(labels.unique()) > 1
+    with pytest.raises(ValueError, match="needs mode='crop'"):
+        OverlapTileInferer(48, mode="gaussian", output="labels")
+    with pytest.raises(ValueError, match="output must be"):
+        OverlapTileInferer(48, output="probabilities")
+
+
 def test_same_unet_no_seams_and_the_check_detects_naive_tiling() -> None:
     """Seam metric: error next to the stitching lines vs error deep inside tiles.
 

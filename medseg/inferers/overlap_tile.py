@@ -160,6 +160,12 @@ class OverlapTileInferer(Inferer):
         prefetch: build the next batch of tiles in a background thread while the network runs
             (default: on when ``sw_device`` is CUDA).
         progress: show a tqdm progress bar.
+        output: ``"logits"`` (default): the network's output channels, stitched. ``"labels"``: each tile's
+            label map is written straight into a ``(B, 1, *spatial)`` integer map (argmax over the
+            channels; for one channel, output > 0: probability > 0.5 of a sigmoid), so that memory does not
+            grow with the number of classes (uint8 up to 256 classes: 1 byte per voxel instead of 4 per
+            class). Exact where each output voxel comes from one tile (``mode="crop"``, valid-conv nets);
+            blending modes need the probabilities and refuse it.
     """
 
     def __init__(
@@ -179,8 +185,13 @@ class OverlapTileInferer(Inferer):
         flip_axes: Sequence[int] | None = None,
         prefetch: bool | None = None,
         progress: bool = False,
+        output: str = "logits",
     ) -> None:
         super().__init__()
+        if output not in ("logits", "labels"):
+            raise ValueError(f"output must be 'logits' or 'labels', got {output!r}")
+        if output == "labels" and mode != "crop":
+            raise ValueError(f"output='labels' needs mode='crop' (mode {mode!r} blends probabilities)")
         if sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
         if mode not in ("crop", "gaussian", "constant"):
@@ -202,6 +213,7 @@ class OverlapTileInferer(Inferer):
         self.flip_axes = None if flip_axes is None else tuple(int(a) for a in flip_axes)
         self.prefetch = prefetch
         self.progress = bool(progress)
+        self.output = output
 
     # ------------------------------------------------------------------ geometry
     @staticmethod
@@ -323,6 +335,7 @@ class OverlapTileInferer(Inferer):
         prefetch = on_cuda if self.prefetch is None else self.prefetch
         flips = self._flip_sets(nd)
         blend = self.mode != "crop" and all(p.border == 0 for p in plans)  # valid-conv nets: always exact
+        labels = self.output == "labels"
 
         precision = resolve_precision(self.precision, sw_device)
         if isinstance(network, torch.nn.Module):
@@ -401,12 +414,17 @@ class OverlapTileInferer(Inferer):
                                 f"{tuple(p.border for p in plans)} per side. Pass border=/size_divisor= "
                                 f"for a network whose output is smaller than its input."
                             )
-                        out_shape = (batch, pred.shape[1], *spatial)
+                        out_shape = (batch, 1 if labels else pred.shape[1], *spatial)
                         alloc = torch.zeros if blend else torch.empty
                         out_dtype = self.output_dtype or pred.dtype
+                        if labels:
+                            out_dtype = torch.uint8 if pred.shape[1] <= 256 else torch.int16
                         out = alloc(out_shape, dtype=out_dtype, device=device)
                     if weight is not None:
                         pred = pred.float() * weight
+                    if labels:  # the tile's label map, on the tile's device (argmax needs all channels)
+                        lab = pred > 0 if pred.shape[1] == 1 else pred.argmax(1, keepdim=True)
+                        pred = lab.to(out.dtype)
                     pred = pred.to(out.dtype)
                     event = None
                     if pred.device != device:
