@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predict_parser(sub)
 
+    from medseg.predict.listener import add_listen_parser
+
+    add_listen_parser(sub)
+
     from medseg.monailabel import add_prepare_parser
 
     add_prepare_parser(sub)

@@ -249,6 +249,8 @@ def write_dicom_seg(
     series_description: str = "Segmentation (medseg)",
     series_number: int = 300,
     omit_empty_frames: bool = True,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
 ) -> str:
     """Write ``mask`` as a binary DICOM SEG (highdicom) referencing the source series.
 
@@ -273,6 +275,8 @@ def write_dicom_seg(
             segments or ``{label: Code}``; default SNOMED CT "Tissue".
         algorithm_name, algorithm_version: the AI algorithm identification of every segment.
         omit_empty_frames: leave out frames that hold no pixel of their segment (highdicom default).
+        series_instance_uid, sop_instance_uid: the SEG's UIDs (default: new ones). Fixed UIDs make a
+            repeated store of the same result the same SOP Instance for the receiving PACS (PS3.4 B.4.1).
 
     Returns:
         ``path`` as a string.
@@ -392,9 +396,9 @@ def write_dicom_seg(
             pixel_array=frames,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(),
+            series_instance_uid=hd.UID(series_instance_uid) if series_instance_uid else hd.UID(),
             series_number=series_number,
-            sop_instance_uid=hd.UID(),
+            sop_instance_uid=hd.UID(sop_instance_uid) if sop_instance_uid else hd.UID(),
             instance_number=1,
             manufacturer=manufacturer,
             manufacturer_model_name=manufacturer_model_name,

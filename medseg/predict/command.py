@@ -37,7 +37,22 @@ def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--bundle", help="bundle folder (configs/inference.json, models/model.pt)")
-    p.add_argument("--input", help="folder (walked recursively), image/DICOM file, or list file (.txt)")
+    p.add_argument(
+        "--input",
+        help="folder (walked recursively), image/DICOM file, list file (.txt), or a DICOMweb service "
+        "http(s)://host:port/dicom-web (series listed with QIDO-RS, retrieved with WADO-RS)",
+    )
+    p.add_argument("--study", nargs="+", action="extend", default=[], metavar="UID",
+                   help="DICOMweb input: only these StudyInstanceUIDs")  # fmt: skip
+    p.add_argument("--query", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="DICOMweb input: QIDO-RS matching keys (StudyDate=20240101-20240131)")  # fmt: skip
+    p.add_argument(
+        "--store",
+        default=None,
+        help="send each DICOM SEG to a PACS: http(s)://host:port/dicom-web (STOW-RS) or "
+        "dimse://AET@host:port (C-STORE); a failed store is a failed case, sent again by the next run",
+    )
+    p.add_argument("--ae-title", default="MEDSEG", help="our (calling) AE title for C-STORE (default MEDSEG)")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument(
@@ -111,7 +126,7 @@ def _distributed_merge(output_dir: str) -> int | None:
 def run_predict(args: argparse.Namespace) -> int:
     """Run ``medseg predict``; returns the exit status."""
     from medseg.predict.discovery import parse_shard, shard_from_env
-    from medseg.predict.report import EXIT_SETUP, merge_reports
+    from medseg.predict.report import EXIT_SETUP, exit_code, merge_reports
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = os.path.abspath(args.output)
@@ -124,7 +139,8 @@ def run_predict(args: argparse.Namespace) -> int:
     if not args.bundle or not args.input:
         print("medseg predict: --bundle and --input are required (unless --merge-reports)", file=sys.stderr)
         return EXIT_SETUP
-    if not os.path.exists(args.input):
+    remote = args.input.lower().startswith(("http://", "https://"))
+    if not remote and not os.path.exists(args.input):
         print(f"medseg predict: {args.input}: no such file or folder", file=sys.stderr)
         return EXIT_SETUP
     try:
@@ -133,13 +149,28 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"medseg predict: {e}", file=sys.stderr)
         return EXIT_SETUP
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    store = None
+    if args.store:
+        from medseg.predict.pacs import open_store
+
+        try:
+            store = open_store(args.store, ae_title=args.ae_title)
+        except ValueError as e:
+            print(f"medseg predict: {e}", file=sys.stderr)
+            return EXIT_SETUP
+        formats += [] if "dicom-seg" in formats else ["dicom-seg"]
 
     from medseg.predict.discovery import discover_cases
     from medseg.predict.engine import BatchPredictor, SetupError, check_output_dir
 
     try:
-        check_output_dir(out, args.input)
-        cases = discover_cases(args.input, exclude=[out])
+        check_output_dir(out, None if remote else args.input)
+        if remote:
+            from medseg.predict.dicomweb import remote_cases
+
+            cases = remote_cases(args.input, out, args.bundle, args.study, args.query, shard)
+        else:
+            cases = discover_cases(args.input, exclude=[out])
         if not cases:
             print(f"medseg predict: {args.input}: no cases found", file=sys.stderr)
             return EXIT_SETUP
@@ -161,6 +192,12 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"medseg predict: {e}", file=sys.stderr)
         return EXIT_SETUP
     rows = predictor.run(args.input, cases=cases)
+    if store is not None:
+        from medseg.predict.pacs import rewrite_report, store_rows
+
+        rows = store_rows(rows, out, store)
+        rewrite_report(rows, out, shard)
+        predictor.rows, predictor.exit_code = rows, exit_code(rows)
     counts = {s: sum(r.status == s for r in rows) for s in ("ok", "skipped", "failed")}
     print(
         f"medseg predict: {len(rows)} case(s): "

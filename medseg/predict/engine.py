@@ -173,7 +173,8 @@ class BatchPredictor:
             pin_memory=self.device.type == "cuda", keep_source=overlays,
         )  # fmt: skip
         keys = (image_key, pred_key, instance_key)
-        self.sink = FileSink(self.output_dir, postprocessing, self.formats, overlays, self.labels, *keys)
+        self.sink = FileSink(self.output_dir, postprocessing, self.formats, overlays, self.labels, *keys,
+                             uid_seed=self.model_key)  # fmt: skip
         self.postprocessing = self.sink.postprocessing  # as applied: savers dropped, fast argmax
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True

@@ -93,6 +93,16 @@ def prepare_postprocessing(transform: Any) -> Any:
     return transform
 
 
+def seg_uids(case: Any, seed: str) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of a case's DICOM SEG: ``2.25.`` + a name-based UUID (PS3.5
+    B.2; RFC 4122 version 5) of ``seed``, the source SeriesInstanceUID and the names of the source files."""
+    import uuid
+
+    name = "\n".join([seed, case.series_uid or "", *sorted(os.path.basename(f) for f in case.files)])
+    series, sop = (uuid.uuid5(uuid.NAMESPACE_OID, name + kind).int for kind in ("\nseries", "\nsop"))
+    return f"2.25.{series}", f"2.25.{sop}"
+
+
 class FileSink:
     """Post-process a prediction and write the case's outputs (see the module docstring).
 
@@ -102,6 +112,8 @@ class FileSink:
         formats: any of :data:`FORMATS`.
         overlays: also write a QC overlay PNG.
         labels: label value -> name (the bundle's ``channel_def``; DICOM SEG segments, report columns).
+        uid_seed: text (the model key) from which, with the source series and its files, the DICOM SEG's
+            UIDs are derived: the same result of the same series gets the same SOPInstanceUID.
     """
 
     def __init__(
@@ -114,8 +126,10 @@ class FileSink:
         image_key: str = "image",
         pred_key: str = "pred",
         instance_key: str = "instances",
+        uid_seed: str = "",
     ) -> None:
         self.output_dir = output_dir
+        self.uid_seed = uid_seed
         self.postprocessing = prepare_postprocessing(postprocessing) if postprocessing is not None else None
         self.formats = tuple(formats)
         self.overlays = overlays
@@ -151,7 +165,9 @@ class FileSink:
                 present = set(np.flatnonzero(np.bincount(mask.ravel())).tolist()) - {0}  # mask: uint8/16
                 if labels is not None and not present <= set(labels):
                     labels = None
-                written.append(write_dicom_seg(mask, None, paths["dicom-seg"], labels, reference=ref))
+                series_uid, sop_uid = seg_uids(case, self.uid_seed)
+                written.append(write_dicom_seg(mask, None, paths["dicom-seg"], labels, reference=ref,
+                                               series_instance_uid=series_uid, sop_instance_uid=sop_uid))
             if self.overlays:
                 from medseg.overlays import save_overlay_png
 

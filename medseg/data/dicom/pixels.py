@@ -164,6 +164,9 @@ def decode_slice(
         try:
             return read_pydicom(s, cache), False
         except Exception as e:  # no pydicom decoder for this syntax, or corrupt data
+            if s.syntax in NATIVE_SYNTAXES:  # uncompressed (PS3.5 A.1-A.2): SimpleITK would zero-pad a
+                # truncated Pixel Data element instead of failing
+                raise ReadError(s.path, f"cannot read native pixel data: {_short(e)}") from e
             pyd_err: Exception | None = e
     else:
         pyd_err = None
