@@ -26,7 +26,7 @@ from medseg.cli import main as medseg_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SERIES = ROOT / "sample_data" / "ct_3d" / "dicom"
-ORTHANC = shutil.which("Orthanc")
+ORTHANC = shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if os.access(p, os.X_OK)), None)
 PLUGIN = next(
     (p for p in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so")
      if os.path.isfile(p)),
