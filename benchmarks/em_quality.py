@@ -4,10 +4,15 @@ Runs ``bundles/unet_em_isbi2012`` (its ``models/model.pt``, or ``--ckpt``) throu
 engine over slices 25-29 of the ISBI 2012 training stack (the bundle's held-out split,
 ``configs/isbi2012_datalist.json``), and scores the membrane maps it writes with the challenge's metrics
 (``medseg.metrics``): pixel error (``1 -`` pixel accuracy) and Rand error (``1 -`` foreground-restricted
-Rand F-score of the cell regions, predicted borders thinned away). The baseline: a Gaussian-smoothed image
-thresholded (membranes are dark), smoothing and threshold chosen on the training slices 0-24 for the
-lowest pixel error. Per-slice rows, then the mean over the slices. Run:
-``python benchmarks/em_quality.py --data ../shared/datasets/isbi2012_em``.
+Rand F-score of the cell regions, predicted borders thinned away). In the same run: the bundle with the
+plain threshold of the cell probability (``seed_threshold`` off: no membrane closing), and a baseline, a
+Gaussian-smoothed image thresholded (membranes are dark), smoothing and threshold chosen on the training
+slices 0-24 for the lowest pixel error. Per-slice rows, then the mean over the slices.
+
+``--fit`` instead sweeps the bundle's ``cell_threshold`` and ``seed_threshold`` on the training slices 0-24
+(never on the held-out ones): the cell threshold with the lowest pixel error, then the seed threshold with
+the lowest Rand error. Run:
+``python benchmarks/em_quality.py --data ../shared/datasets/isbi2012_em [--fit]``.
 """
 
 from __future__ import annotations
@@ -68,6 +73,50 @@ def threshold_baseline(image: np.ndarray, sigma: float, threshold: float) -> np.
     return smooth(image, sigma) > threshold
 
 
+def cell_probabilities(bundle: str, ckpt: str | None, images: list[str]) -> list[np.ndarray]:
+    """The bundle's softmax cell probability of each image (its network, preprocessing and inferer)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from medseg.predict import load_checkpoint
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundle) / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    net = parser.get_parsed_content("network")
+    load_checkpoint(net, ckpt or str(Path(bundle) / "models" / "model.pt"))
+    net.eval()
+    pre, inferer = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inferer")
+    out = []
+    with torch.no_grad():
+        for path in images:
+            logits = inferer(pre({"image": path})["image"][None], net)
+            out.append(torch.softmax(logits.float(), 1)[0, 1].cpu().numpy())
+    return out
+
+
+def fit_thresholds(
+    probs: list[np.ndarray],
+    labels: list[np.ndarray],
+    cell: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5),
+    seed: tuple[float, ...] = (0.8, 0.85, 0.9, 0.95),
+) -> tuple[float, float]:
+    """``(cell_threshold, seed_threshold)``: the lowest mean pixel error, then the lowest mean Rand error."""
+    from medseg.transforms import separate_cells
+
+    table = {}
+    for c in cell:
+        for s in seed:
+            maps = [separate_cells(p, c, s) for p in probs]
+            px = float(np.mean([pixel_error(m, t) for m, t in zip(maps, labels, strict=True)]))
+            rand = float(np.mean([rand_scores(m, t).error for m, t in zip(maps, labels, strict=True)]))
+            table[c, s] = (px, rand)
+            print(f"| {c} | {s} | {px:.4f} | {rand:.4f} |", flush=True)
+    best_cell = min(cell, key=lambda c: np.mean([table[c, s][0] for s in seed]))
+    best_seed = min(seed, key=lambda s: table[best_cell, s][1])
+    return best_cell, best_seed
+
+
 def score(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     r = rand_scores(pred, true)
     return {"pixel_error": pixel_error(pred, true), "rand_error": r.error, "split": r.split, "merge": r.merge}
@@ -87,6 +136,7 @@ def main() -> None:
         help="inference config overrides, e.g. tile_size=[700,700]",
     )
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--fit", action="store_true", help="choose the thresholds on slices 0-24 instead")
     args = ap.parse_args()
 
     from monai.transforms import LoadImage
@@ -99,6 +149,13 @@ def main() -> None:
     held_out = load_datalist(args.data, "validation", datalist=datalist)
     load = LoadImage(image_only=True)  # the engine's axes convention, so arrays line up
     array = lambda path: np.asarray(load(path)).squeeze()  # noqa: E731
+    if args.fit:
+        print("| cell_threshold | seed_threshold | pixel error (slices 0-24) | Rand error (slices 0-24) |")
+        print("|---|---|---|---|")
+        probs = cell_probabilities(args.bundle, args.ckpt, [it["image"] for it in train])
+        best = fit_thresholds(probs, [array(it["label"]) > 0 for it in train])
+        print(f"\nchosen on slices 0-24: cell_threshold {best[0]}, seed_threshold {best[1]}")
+        return
 
     sigma, threshold = fit_threshold_baseline(
         [array(i["image"]) for i in train], [array(i["label"]) for i in train]
@@ -110,18 +167,24 @@ def main() -> None:
             override = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
             (out / "override.json").write_text(json.dumps(override))
             configs.append(str(out / "override.json"))
-        predictor = BatchPredictor.from_bundle(
-            args.bundle,
-            out / "pred",
-            config_file=configs,
-            checkpoint=args.ckpt,
-            precision=args.precision,
-            progress=False,
-        )
-        t0 = time.perf_counter()
-        rows = {Path(r.input).name: r for r in predictor.run([{"image": it["image"]} for it in held_out])}
-        wall = time.perf_counter() - t0
-        model, base = [], []
+        (out / "plain.json").write_text(json.dumps({"seed_threshold": None}))
+
+        def run(folder: str, extra: list[str]) -> tuple[dict, float, str]:
+            predictor = BatchPredictor.from_bundle(
+                args.bundle,
+                out / folder,
+                config_file=configs + extra,
+                checkpoint=args.ckpt,
+                precision=args.precision,
+                progress=False,
+            )
+            t0 = time.perf_counter()
+            rows = {Path(r.input).name: r for r in predictor.run([{"image": it["image"]} for it in held_out])}
+            return rows, time.perf_counter() - t0, str(predictor.precision)
+
+        rows, wall, precision = run("pred", [])
+        plain_rows, _, _ = run("plain", [str(out / "plain.json")])
+        model, plain, base = [], [], []
         print("| slice | U-Net pixel error | U-Net Rand error (split / merge) | baseline pixel error | "
               "baseline Rand error | s |")  # fmt: skip
         print("|---|---|---|---|---|---|")
@@ -132,6 +195,12 @@ def main() -> None:
             pred = np.asarray(nib.load(out / "pred" / f"{row.id}_seg.nii.gz").dataobj).squeeze() > 0
             true = array(it["label"]) > 0
             m = score(pred, true)
+            prow = plain_rows[Path(it["image"]).name]
+            plain.append(
+                score(
+                    np.asarray(nib.load(out / "plain" / f"{prow.id}_seg.nii.gz").dataobj).squeeze() > 0, true
+                )
+            )
             b = score(threshold_baseline(array(it["image"]), sigma, threshold), true)
             model.append(m)
             base.append(b)
@@ -140,13 +209,14 @@ def main() -> None:
                   f"{row.seconds:.2f} |")  # fmt: skip
         mean = {
             "U-Net (medseg unet_em_isbi2012)": {k: float(np.mean([r[k] for r in model])) for k in model[0]},
+            "same, plain threshold (no membrane closing)": {
+                k: float(np.mean([r[k] for r in plain])) for k in plain[0]
+            },
             f"smoothed-image threshold (sigma {sigma:g}, t {threshold:g}, fitted on slices 0-24)": {
                 k: float(np.mean([r[k] for r in base])) for k in base[0]
             },
         }
-        print(
-            f"\n{len(held_out)} held-out slices, {wall:.1f} s end to end, precision {predictor.precision}\n"
-        )
+        print(f"\n{len(held_out)} held-out slices, {wall:.1f} s end to end, precision {precision}\n")
         print("| method (mean over slices 25-29) | pixel error | Rand error | Rand split | Rand merge |")
         print("|---|---|---|---|---|")
         for name, o in mean.items():
