@@ -216,7 +216,9 @@ def test_dicomweb_in_stow_back_equals_folder_mode(pacs: Orthanc, ct_bundle: Path
     ref_series = seg.ReferencedSeriesSequence[0]
     refs = {str(i.ReferencedSOPInstanceUID) for i in ref_series.ReferencedInstanceSequence}
     assert refs and refs <= source_uids
-    assert seg.SegmentSequence[0].SegmentLabel == "liver"  # the bundle's channel_def
+    segment = seg.SegmentSequence[0]
+    assert segment.SegmentLabel == "liver"  # the bundle's channel_def, and its SNOMED CT code
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
     assert seg.NumberOfFrames == folder_seg.NumberOfFrames and seg.PixelData == folder_seg.PixelData
     if shutil.which("dciodvfy"):
         assert _dciodvfy_errors(seg_path) == []

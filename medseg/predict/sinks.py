@@ -103,6 +103,35 @@ def seg_uids(case: Any, seed: str) -> tuple[str, str]:
     return f"2.25.{series}", f"2.25.{sop}"
 
 
+@functools.cache
+def segment_code(name: str) -> Any:
+    """The SNOMED CT concept named like a segment label (``"liver"`` -> Liver, 10200004), from pydicom's
+    code dictionary of the DICOM content mapping resource (PS3.16), or ``None``."""
+    import re
+
+    from pydicom.sr.codedict import codes
+
+    key = "".join(w[:1].upper() + w[1:].lower() for w in re.split(r"[^A-Za-z0-9]+", name) if w)
+    try:
+        return getattr(codes.SCT, key) if key and key[0].isalpha() else None
+    except AttributeError:
+        return None
+
+
+def segment_codes(labels: Mapping[int, str] | None) -> tuple[Any, Any]:
+    """(category, type) code maps for :func:`medseg.data.writers.write_dicom_seg`: a label whose name is a
+    SNOMED CT concept gets it as its Segmented Property Type, in the category Anatomical Structure (PS3.3
+    C.8.20.2; CID 7150 / 7151); the others keep the writer's default, Tissue."""
+    from pydicom.sr.codedict import codes
+
+    found = {k: c for k, n in (labels or {}).items() if (c := segment_code(n)) is not None}
+    if not found:
+        return None, None
+    types = {k: found.get(k, codes.SCT.Tissue) for k in labels or {}}
+    cats = {k: codes.SCT.AnatomicalStructure if k in found else codes.SCT.Tissue for k in labels or {}}
+    return cats, types
+
+
 class FileSink:
     """Post-process a prediction and write the case's outputs (see the module docstring).
 
@@ -166,7 +195,10 @@ class FileSink:
                 if labels is not None and not present <= set(labels):
                     labels = None
                 series_uid, sop_uid = seg_uids(case, self.uid_seed)
+                category, prop = segment_codes(labels)
                 written.append(write_dicom_seg(mask, None, paths["dicom-seg"], labels, reference=ref,
+                                               segmented_property_category=category,
+                                               segmented_property_type=prop,
                                                series_instance_uid=series_uid, sop_instance_uid=sop_uid))
             if self.overlays:
                 from medseg.overlays import save_overlay_png
