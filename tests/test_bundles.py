@@ -188,6 +188,16 @@ def test_metadata_is_true(name: str) -> None:
     verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(SCHEMA))
 
 
+@pytest.mark.parametrize("name", NAMES[:3])
+def test_readme_has_the_zoo_sections(name: str) -> None:
+    text = (BUNDLES / name / "docs" / "README.md").read_text()
+    headings = [line[3:].lower() for line in text.splitlines() if line.startswith("## ")]
+    sections = ("model overview", "data", "input and output", "commands", "performance", "resuming training",
+                "export", "system configuration", "authors", "references", "license")
+    for section in sections:
+        assert any(h.startswith(section) for h in headings), f"{name}: no '## {section}' section"
+
+
 def test_record_environment(tmp_path: Path) -> None:
     """``medseg bundle record-env`` writes the installed versions and keeps medseg out of the pins."""
     import importlib.metadata
@@ -342,6 +352,10 @@ def test_train_evaluate_infer_export(
     _run(py + ["training", "--config_file", str(configs / "train.json"), *_args(overrides)], cwd)
     sd = _check_model(bundle)
     assert (bundle / "eval" / "training_curves.png").stat().st_size > 1000
+    if name != EM:  # resumable training: the last epoch's state and the best metric are saved
+        state = torch.load(bundle / "models" / "checkpoint.pt", map_location="cpu", weights_only=True)
+        assert state["trainer"]["epoch"] == 1 and set(state) >= {"network", "optimizer", "rng"}
+        assert json.loads((bundle / "models" / "model_key_metric.json").read_text())["saved"]
     assert list((bundle / "eval").glob("events.out.tfevents.*")), "no TensorBoard log"
 
     # evaluation, inference and export run in-process (same code path as the CLI, without the start-up cost)
