@@ -58,7 +58,11 @@ TRAIN_IDS: tuple[str, ...] = (
     "run",
 )
 #: Folders of a bundle that are outputs of earlier runs, not part of what the app serves.
-_SKIP_ON_COPY: tuple[str, ...] = ("eval", "runs", "__pycache__", "*.pyc", ".ipynb_checkpoints")
+# training state stays behind too: MONAI Label trains on its own labels and validation list, where the
+# best metric of an earlier training (models/model_key_metric.json) is no yardstick
+_SKIP_ON_COPY: tuple[str, ...] = (
+    "eval", "runs", "__pycache__", "*.pyc", ".ipynb_checkpoints", "checkpoint.pt", "*_key_metric.json",
+)
 _META_REF = re.compile(r"[@%]_meta_")
 
 

@@ -131,9 +131,12 @@ def test_prepare_app_copies_bundle_without_outputs(tmp_path: Path) -> None:
     bundle = _bundle_with_weights(tmp_path / "src")
     (bundle / "eval").mkdir()
     (bundle / "eval" / "junk.csv").write_text("x")
+    (bundle / "models" / "checkpoint.pt").write_bytes(b"training state")
+    (bundle / "models" / "model_key_metric.json").write_text("{}")
     app = _fake_app(tmp_path)
     prepare_app(app, [bundle])
     installed = app / "model" / "unet_nuclei_2d"
+    assert sorted(p.name for p in (installed / "models").iterdir()) == ["model.pt"]
     assert (installed / "models" / "model.pt").read_bytes() == (bundle / "models" / "model.pt").read_bytes()
     assert not (installed / "eval").exists() and not installed.is_symlink()
     prepare_app(app, [bundle], link=True)  # replaces the copy
