@@ -243,6 +243,42 @@ def test_query_study_and_modality_filters(pacs: Orthanc, ct_bundle: Path, tmp_pa
     assert none == []
 
 
+def test_wado_cache_resumes_and_follows_the_pacs(
+    pacs: Orthanc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retrieval killed half-way: the next run fetches only the missing instances, drops the ones gone
+    from the PACS and the temporary files of the killed writes."""
+    from medseg.predict.dicomweb import DicomwebSource
+
+    pacs.upload(SERIES / "case_001")
+    src = DicomwebSource(pacs.dicomweb, str(tmp_path), modality="CT")
+    (case,) = src.cases()
+    assert case.error is None and len(case.files) == 48 and case.id.startswith("series-")
+    folder = Path(case.path)
+    files = sorted(folder.iterdir())
+    for f in files[:5]:
+        f.unlink()
+    kept = {f.name: f.stat().st_mtime_ns for f in files[5:]}
+    (folder / "0000stale.dcm").write_bytes(b"gone from the PACS")
+    (folder / f".{files[0].name}.abc.tmp.dcm").write_bytes(b"half written")
+    from dicomweb_client.api import DICOMwebClient
+
+    calls: dict[str, int] = {"retrieve_instance": 0, "iter_series": 0}
+    for name in calls:
+        original = getattr(DICOMwebClient, name)
+
+        def counted(self: Any, *a: Any, _name: str = name, _f: Any = original, **k: Any) -> Any:
+            calls[_name] += 1
+            return _f(self, *a, **k)
+
+        monkeypatch.setattr(DICOMwebClient, name, counted)
+    (again,) = src.cases(shard=None)
+    assert calls == {"retrieve_instance": 5, "iter_series": 0}
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f.name for f in files)
+    assert all(folder.joinpath(n).stat().st_mtime_ns == t for n, t in kept.items())
+    assert again.error is None and len(again.files) == 48
+
+
 # ------------------------------------------------------------------------------ store failures
 def test_pacs_down_is_a_failed_row_then_retried(pacs: Orthanc, ct_bundle: Path, tmp_path: Path) -> None:
     src = tmp_path / "in"

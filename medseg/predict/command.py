@@ -23,7 +23,11 @@ outputs per case (id = sanitised path relative to --input): <id>_seg.nii.gz (mas
 grid), <id>_instances.nii.gz (instance labels, bundles that label instances), <id>_seg.dcm (DICOM
 SEG, DICOM input), <id>_overlay.png (QC); report.json / report.csv
 (report.shard-i-of-n.* per shard); .medseg/ holds the resume state. Run the same command again
-after a crash: finished cases are skipped, the rest are redone."""
+after a crash: finished cases are skipped, the rest are redone.
+
+DICOMweb input (--input http://host:port/dicom-web): one case per series of the bundle's modality, id
+series-<hash of the SeriesInstanceUID>, retrieved into .medseg/dicomweb/ (re-used by the next run).
+--store: each DICOM SEG is sent once; a failed store is a failed case, sent again by the next run."""
 
 
 def add_predict_parser(sub: Any) -> argparse.ArgumentParser:

@@ -179,9 +179,11 @@ class DicomwebSource:
         expected = {instance_file_name(u) for item in listed if (u := _value(item, "00080018"))}
         if not expected:
             raise RuntimeError("QIDO-RS lists no instances")
-        have = {n for n in os.listdir(folder) if n.endswith(".dcm")}
-        for stale in have - expected:  # deleted from the PACS since the last run
-            os.remove(os.path.join(folder, stale))
+        names = os.listdir(folder)
+        have = {n for n in names if n.endswith(".dcm") and not n.startswith(".")}
+        stale = (have - expected) | {n for n in names if n.startswith(".")}  # gone from the PACS; temp files
+        for name in stale:
+            os.remove(os.path.join(folder, name))
         missing = expected - have
         if missing == expected:  # nothing cached: the whole series in one multipart response
             for ds in self.client.iter_series(series.study_uid, series.series_uid):
@@ -194,7 +196,7 @@ class DicomwebSource:
                 if uid and instance_file_name(uid) in missing:
                     ds = self.client.retrieve_instance(series.study_uid, series.series_uid, uid)
                     _save(ds, os.path.join(folder, instance_file_name(uid)))
-        absent = expected - {n for n in os.listdir(folder) if n.endswith(".dcm")}
+        absent = expected - set(os.listdir(folder))
         if absent:
             raise RuntimeError(f"WADO-RS returned {len(expected) - len(absent)} of {len(expected)} instances")
         return folder

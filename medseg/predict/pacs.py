@@ -102,7 +102,8 @@ def series_case(folder: str, case_id: str, label: str, series_uid: str | None = 
     from medseg.predict.discovery import _scan
 
     try:
-        files = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".dcm"))
+        files = sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                       if n.endswith(".dcm") and not n.startswith("."))  # not a killed write's temp file
     except OSError as e:
         return Case(case_id, label, folder, "dicom-series", (), series_uid, f"{label}: {e.strerror or e}")
     if not files:
