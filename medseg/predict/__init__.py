@@ -4,7 +4,9 @@
 - :mod:`~medseg.predict.engine`: :class:`BatchPredictor`, the pipelined load -> infer -> write engine;
 - :mod:`~medseg.predict.state`: done markers and leftovers of killed runs (resuming);
 - :mod:`~medseg.predict.report`: ``report.json`` / ``report.csv``, shard merging, exit codes;
-- :mod:`~medseg.predict.command`: the ``medseg predict`` command line.
+- :mod:`~medseg.predict.command`: the ``medseg predict`` command line;
+- :mod:`~medseg.predict.dicomweb`, :mod:`~medseg.predict.dimse`, :mod:`~medseg.predict.pacs`: a PACS as
+  source (QIDO-RS / WADO-RS) and sink (STOW-RS / C-STORE); :mod:`~medseg.predict.listener`: ``medseg listen``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ _LAZY: dict[str, str] = {
     "FORMATS": "medseg.predict.engine",
     "BatchPredictor": "medseg.predict.engine",
     "Case": "medseg.predict.discovery",
+    "DicomwebSource": "medseg.predict.dicomweb",
+    "Listener": "medseg.predict.listener",
+    "open_store": "medseg.predict.pacs",
     "CaseResult": "medseg.predict.report",
     "SetupError": "medseg.predict.engine",
     "case_id": "medseg.predict.discovery",
