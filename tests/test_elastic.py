@@ -206,6 +206,7 @@ def test_bad_arguments() -> None:
         RandElasticGrid()(torch.rand(8, 8))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     img = torch.rand(1, 32, 40, 48)

@@ -264,6 +264,7 @@ def test_bad_arguments_raise() -> None:
         OverlapTileInferer(16)(torch.zeros(1, 1, 20, 20), lambda t: (t, t))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_cuda_tiles_cpu_output_autocast(precision: str) -> None:

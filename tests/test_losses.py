@@ -100,6 +100,7 @@ def test_autocast_computes_in_float32() -> None:
     assert conv.weight.grad is not None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_half_autocast() -> None:
     logits = torch.randn(2, 3, 16, 16, device="cuda", requires_grad=True)

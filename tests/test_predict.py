@@ -370,6 +370,7 @@ def test_cli_setup_errors_exit_2(bundle: Path, tmp_path: Path) -> None:
     assert main(["predict", "--output", str(tmp_path / "o"), "--merge-reports"]) == 3
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_run_matches_cpu(bundle: Path, tmp_path: Path) -> None:
     items = [{"image": str(CT / "images" / "case_003.nii.gz")}]

@@ -405,6 +405,7 @@ def test_non_finite_voxel_stays_local_like_monai(ct: MetaTensor):
 
 
 # --------------------------------------------------------------------------------------------- 6. CUDA
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_cuda_fast_path_matches_cpu(ct: MetaTensor, dtype: Any):

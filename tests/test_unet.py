@@ -423,6 +423,7 @@ def test_autocast_cpu_bfloat16() -> None:
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_autocast_channels_last() -> None:
     torch.manual_seed(0)
