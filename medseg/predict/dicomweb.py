@@ -8,8 +8,9 @@ Source, :class:`DicomwebSource`:
   left out;
 * WADO-RS (PS3.18 10.4) retrieves each series into ``OUT/.medseg/dicomweb/<id>/``, one file per
   instance (named by a hash of its SOPInstanceUID), each written atomically: a run killed during the
-  retrieval keeps what it had; the next run asks QIDO-RS which instances the series holds and fetches
-  only the missing ones (instances gone from the PACS are dropped from the cache);
+  retrieval keeps what it had; when the cache does not hold as many instances as QIDO-RS counts, the
+  next run asks QIDO-RS which instances the series holds and fetches only the missing ones (instances
+  gone from the PACS are dropped from the cache);
 * the cached series are the cases of the usual engine (ids ``series-<hash>``, free of patient data).
 
 Sink, :class:`StowStore`: STOW-RS (PS3.18 10.5) of a DICOM SEG; a response without the instance in its
@@ -22,7 +23,7 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = ["DicomwebError", "DicomwebSource", "RemoteSeries", "StowStore", "make
 
 logger = logging.getLogger(__name__)
 
+_SOP_UID = "SOPInstanceUID"
 #: a cached series folder is ``<cache>/<id>/``
 CACHE_DIR = os.path.join(".medseg", "dicomweb")
 
@@ -49,17 +51,24 @@ class DicomwebError(RuntimeError):
     """The DICOMweb service cannot be used (unreachable, refused the query): the run cannot start."""
 
 
-def make_client(url: str, timeout: float = 60.0) -> Any:
-    """A ``dicomweb_client.DICOMwebClient`` for ``url`` (user:password in the URL become basic auth)."""
+def make_session(url: str) -> Any:
+    """A ``requests.Session`` for ``url`` (user:password in the URL become HTTP basic auth)."""
     from urllib.parse import urlsplit
 
     import requests
-    from dicomweb_client.api import DICOMwebClient
 
     parts = urlsplit(url)
     session = requests.Session()
     if parts.username is not None:
         session.auth = (parts.username, parts.password or "")
+    return session
+
+
+def make_client(url: str, timeout: float = 60.0, session: Any = None) -> Any:
+    """A ``dicomweb_client.DICOMwebClient`` for ``url`` (user:password in the URL become basic auth)."""
+    from dicomweb_client.api import DICOMwebClient
+
+    session = session if session is not None else make_session(url)
     client = DICOMwebClient(redact_url(url).rstrip("/"), session=session, timeout=timeout)
     # dicomweb-client retries 429 / 408 / 503 / 504 answers and every connection error with exponential
     # back-off (5 attempts: 30 s for a service that is down); 3 attempts, 0.4 s then 0.8 s apart
@@ -132,10 +141,17 @@ class DicomwebSource:
         self._local = threading.local()
 
     @property
+    def session(self) -> Any:
+        """One HTTP session per thread."""
+        if getattr(self._local, "session", None) is None:
+            self._local.session = make_session(self.url)
+        return self._local.session
+
+    @property
     def client(self) -> Any:
-        """One client (HTTP session) per thread."""
+        """One client per thread, on :attr:`session`."""
         if getattr(self._local, "client", None) is None:
-            self._local.client = make_client(self.url, self.timeout)
+            self._local.client = make_client(self.url, self.timeout, self.session)
         return self._local.client
 
     # -------------------------------------------------------------------------------- QIDO-RS
@@ -170,36 +186,56 @@ class DicomwebSource:
 
     # -------------------------------------------------------------------------------- WADO-RS
     def fetch(self, series: RemoteSeries) -> str:
-        """Bring ``series`` into the cache (only the instances not there yet); returns its folder."""
+        """Bring ``series`` into the cache (only the instances not there yet); returns its folder.
+
+        An empty cache takes the whole series in one WADO-RS response; a cache holding as many instances
+        as QIDO-RS counts (NumberOfSeriesRelatedInstances) is taken as it is; otherwise (a retrieval cut
+        short, a series changed in the PACS, no count) the instance list (QIDO-RS) decides what to fetch
+        and what to drop."""
         folder = os.path.join(self.cache_dir, series.id)
         os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):
+            if name.startswith("."):  # temporary files of writes a killed run left
+                os.remove(os.path.join(folder, name))
+        base = f"{redact_url(self.url).rstrip('/')}/studies/{series.study_uid}/series/{series.series_uid}"
+        if not os.listdir(folder):
+            self._retrieve(base, folder, None)
+        if series.n_instances is not None and len(os.listdir(folder)) == series.n_instances:
+            return folder
         listed = self.client.search_for_instances(
             series.study_uid, series.series_uid, fields=["SOPInstanceUID"], get_remaining=True
         )
         expected = {instance_file_name(u) for item in listed if (u := _value(item, "00080018"))}
         if not expected:
             raise RuntimeError("QIDO-RS lists no instances")
-        names = os.listdir(folder)
-        have = {n for n in names if n.endswith(".dcm") and not n.startswith(".")}
-        stale = (have - expected) | {n for n in names if n.startswith(".")}  # gone from the PACS; temp files
-        for name in stale:
+        have = set(os.listdir(folder))
+        for name in have - expected:  # gone from the PACS since the last run
             os.remove(os.path.join(folder, name))
         missing = expected - have
-        if missing == expected:  # nothing cached: the whole series in one multipart response
-            for ds in self.client.iter_series(series.study_uid, series.series_uid):
-                name = instance_file_name(str(ds.SOPInstanceUID))
-                if name in expected:
-                    _save(ds, os.path.join(folder, name))
-        elif missing:
-            for item in listed:
-                uid = _value(item, "00080018")
-                if uid and instance_file_name(uid) in missing:
-                    ds = self.client.retrieve_instance(series.study_uid, series.series_uid, uid)
-                    _save(ds, os.path.join(folder, instance_file_name(uid)))
+        for item in listed:
+            uid = _value(item, "00080018")
+            if uid and instance_file_name(uid) in missing:
+                self._retrieve(f"{base}/instances/{uid}", folder, expected)
         absent = expected - set(os.listdir(folder))
         if absent:
             raise RuntimeError(f"WADO-RS returned {len(expected) - len(absent)} of {len(expected)} instances")
         return folder
+
+    def _retrieve(self, url: str, folder: str, expected: set[str] | None) -> None:
+        """WADO-RS Retrieve Series / Instance (PS3.18 10.4.1): the Part 10 bytes of each instance written as
+        they arrive, unparsed (only the SOPInstanceUID is read, to name the file)."""
+        import io
+
+        import pydicom
+
+        accept = 'multipart/related; type="application/dicom"'
+        with self.session.get(url, headers={"Accept": accept}, stream=True, timeout=self.timeout) as r:
+            r.raise_for_status()
+            for body in _parts(r):
+                ds = pydicom.dcmread(io.BytesIO(body), stop_before_pixels=True, specific_tags=[_SOP_UID])
+                name = instance_file_name(str(ds.SOPInstanceUID))
+                if expected is None or name in expected:
+                    _write_instance(os.path.join(folder, name), body)
 
     def cases(self, shard: tuple[int, int] | None = None) -> list[Case]:
         """Cases of every listed series; the series of this shard (``(i, n)``) are retrieved, in
@@ -231,10 +267,35 @@ class DicomwebSource:
         return series_case(folder, s.id, self._label(s), s.series_uid)
 
 
-def _save(ds: Any, path: str) -> None:
-    """Write a retrieved instance (a Part 10 file, PS3.10 7) atomically."""
-    with atomic_target(path, ".dcm") as tmp:
-        ds.save_as(tmp)
+def _parts(response: Any, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """Bodies of a ``multipart/related`` response (RFC 2387; PS3.18 8.7.3.1), streamed."""
+    ctype = response.headers.get("Content-Type", "")
+    boundary = next((v.strip().strip('"') for k, _, v in (p.strip().partition("=") for p in ctype.split(";"))
+                     if k.lower() == "boundary"), None)  # fmt: skip
+    if not ctype.lower().startswith("multipart/related") or not boundary:
+        raise RuntimeError(f"WADO-RS answered {ctype or 'without a Content-Type'}, not multipart/related")
+    delimiter = b"\r\n--" + boundary.encode()
+    buf = bytearray(b"\r\n")  # the first delimiter may open the body without a preceding CRLF
+    start = 0
+    for chunk in response.iter_content(chunk_size):
+        buf += chunk
+        while True:
+            i = buf.find(delimiter, start)
+            if i < 0:
+                start = max(0, len(buf) - len(delimiter) + 1)
+                break
+            part = bytes(buf[:i])
+            del buf[: i + len(delimiter)]
+            start = 0
+            head_end = part.find(b"\r\n\r\n")
+            if head_end >= 0:  # not the preamble before the first delimiter
+                yield part[head_end + 4 :]
+
+
+def _write_instance(path: str, data: bytes) -> None:
+    """Write a retrieved instance (a Part 10 file, PS3.10 7) atomically, byte for byte."""
+    with atomic_target(path, ".dcm") as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def _reason(e: BaseException) -> str:
