@@ -47,6 +47,7 @@ _BAND_ROWS, _BAND_MIN_POST = 32, 256  # dense matrix in blocks of rows when the 
 # the banded pass slices the lines per block of rows: worth it for a few batches of lines only (a volume's
 # middle axis, ``pre`` in the hundreds, runs 5-8x faster with the gathers)
 _BAND_MAX_PRE = 8
+_GATHER_BLOCK = 1 << 24  # elements per block of the two-gather pass
 # rough CPU costs (ns) behind the choice between this path and grid_sample: per multiply-add of a dense
 # pass, per output element of a gather pass, per output voxel and channel of grid_sample
 _NS_MAC, _NS_GATHER, _NS_GRID = 0.01, 6.0, 20.0
@@ -109,8 +110,13 @@ def _resample_axis(
     y3 = y.reshape(pre, n_in, post)
     dev = y.device
     w = [torch.as_tensor(v, dtype=y.dtype, device=dev).view(1, n_out, 1) for v in (w_lo, w_hi)]
-    out = y3.index_select(1, torch.as_tensor(lo, device=dev)) * w[0]
-    out.addcmul_(y3.index_select(1, torch.as_tensor(hi, device=dev)), w[1])
+    lo_t, hi_t = torch.as_tensor(lo, device=dev), torch.as_tensor(hi, device=dev)
+    out = torch.empty((pre, n_out, post), dtype=y.dtype, device=dev)
+    step = max(1, _GATHER_BLOCK // max(1, n_out * post))  # the second gather's temporary stays small
+    for p0 in range(0, pre, step):
+        o = out[p0 : p0 + step]
+        torch.index_select(y3[p0 : p0 + step], 1, lo_t, out=o)
+        o.mul_(w[0]).addcmul_(y3[p0 : p0 + step].index_select(1, hi_t), w[1])
     return out.reshape(shape)
 
 
