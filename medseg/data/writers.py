@@ -106,7 +106,7 @@ def _integer_labels(arr: np.ndarray, what: str = "mask") -> np.ndarray:
     top = int(hi)
     if top > np.iinfo(np.uint16).max:
         raise ValueError(f"{what} has labels above 65535 (max {top})")
-    return arr.astype(np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16)
+    return arr.astype(np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16, copy=False)
 
 
 def mask_to_source_grid(mask: Any, reference: Reference = None) -> tuple[np.ndarray, np.ndarray]:
