@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +104,8 @@ class TrainingCheckpoint:
         evaluator: the validation evaluator (its best metric is saved and restored).
         best_saver: MONAI ``CheckpointSaver`` that writes the best model (``save_key_metric=True``).
         dataset: the training dataset, whose random transforms' states are saved.
+        extra_state: more objects to save and restore by name, those with ``state_dict`` /
+            ``load_state_dict`` (e.g. the training-curve handler); others are skipped.
         filename: checkpoint file name.
     """
 
@@ -117,6 +120,7 @@ class TrainingCheckpoint:
         evaluator: Engine | None = None,
         best_saver: Any = None,
         dataset: Any = None,
+        extra_state: Mapping[str, Any] | None = None,
         filename: str = "checkpoint.pt",
     ) -> None:
         if int(interval) < 1:
@@ -131,6 +135,10 @@ class TrainingCheckpoint:
         self.evaluator = evaluator
         self.best_saver = best_saver
         self.dataset = dataset
+        extra = dict(extra_state or {})
+        self.extra_state = {
+            k: v for k, v in extra.items() if hasattr(v, "state_dict") and hasattr(v, "load_state_dict")
+        }
         self.resumed_from: int | None = None
 
     @property
@@ -210,6 +218,8 @@ class TrainingCheckpoint:
         }
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        if self.extra_state:
+            state["extra"] = {k: v.state_dict() for k, v in self.extra_state.items()}
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and hasattr(scaler, "state_dict"):
             state["scaler"] = scaler.state_dict()
@@ -248,6 +258,9 @@ class TrainingCheckpoint:
         if len(transforms) == len(rng["transforms"]):
             for t, saved in zip(transforms, rng["transforms"], strict=True):
                 t.R.set_state(_np_restore(saved))
+        for key, saved in state.get("extra", {}).items():
+            if key in self.extra_state:
+                self.extra_state[key].load_state_dict(saved)
         if self.evaluator is not None and "evaluator" in state:
             self.evaluator.state.best_metric = state["evaluator"]["best_metric"]
             self.evaluator.state.best_metric_epoch = state["evaluator"]["best_metric_epoch"]

@@ -73,6 +73,19 @@ class CurvePlotter:
         if self.evaluator is not None:
             self.evaluator.add_event_handler(Events.COMPLETED, self._validated)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The curves so far (a resumed training continues them)."""
+        return {
+            "losses": [list(p) for p in self.losses],
+            "metrics": [list(p) for p in self.metrics],
+            "metric_label": self.metric_label,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses = [(int(e), float(v)) for e, v in state.get("losses", [])]
+        self.metrics = [(int(e), float(v)) for e, v in state.get("metrics", [])]
+        self.metric_label = str(state.get("metric_label", self.metric_label))
+
     def _iteration(self, engine: Engine) -> None:
         value = self.loss_transform(engine.state.output)
         if math.isfinite(value):

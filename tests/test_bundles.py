@@ -355,6 +355,7 @@ def test_train_evaluate_infer_export(
     if name != EM:  # resumable training: the last epoch's state and the best metric are saved
         state = torch.load(bundle / "models" / "checkpoint.pt", map_location="cpu", weights_only=True)
         assert state["trainer"]["epoch"] == 1 and set(state) >= {"network", "optimizer", "rng"}
+        assert len(state["extra"]["curves"]["losses"]) == 1  # the training curves continue after a resume
         assert json.loads((bundle / "models" / "model_key_metric.json").read_text())["saved"]
     assert list((bundle / "eval").glob("events.out.tfevents.*")), "no TensorBoard log"
 

@@ -32,7 +32,7 @@ OVERRIDES = {
     "train_list": "$medseg.data.datalist.load_datalist(@dataset_dir, 'training')[:4]",
     "val_list": "$medseg.data.datalist.load_datalist(@dataset_dir, 'validation')[:1]",
 }
-# replaces the curve plotter (no random numbers drawn) by a handler that SIGKILLs its own process after
+# replaces the console logger (no random numbers drawn) by a handler that SIGKILLs its own process after
 # the first iteration of epoch 3, i.e. after the checkpoint of epoch 2 and in the middle of training
 KILL_AT_EPOCH_3 = (
     "$type('Kill', (), {'attach': lambda self, e: e.add_event_handler("
@@ -77,7 +77,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_kill_then_resume_equals_uninterrupted(uninterrupted: Path, tmp_path: Path) -> None:
     bundle = _bundle(tmp_path, SAMPLE)
-    killed = _train(bundle, {"train#handlers#2": KILL_AT_EPOCH_3})
+    killed = _train(bundle, {"train#handlers#1": KILL_AT_EPOCH_3})
     assert killed.returncode == -signal.SIGKILL, f"{killed.returncode}\n{killed.stderr[-3000:]}"
     saved = _ckpt(bundle)
     assert saved["trainer"]["epoch"] == 2 and saved["trainer"]["iteration"] == 4
@@ -88,6 +88,8 @@ def test_kill_then_resume_equals_uninterrupted(uninterrupted: Path, tmp_path: Pa
     assert "resumed from" in resumed.stdout + resumed.stderr
     a, b = _ckpt(uninterrupted), _ckpt(bundle)
     assert b["trainer"] == a["trainer"] == {"epoch": 4, "iteration": 8, "max_epochs": 4}
+    assert [e for e, _ in a["extra"]["curves"]["losses"]] == [1, 2, 3, 4]
+    assert b["extra"]["curves"] == a["extra"]["curves"]  # the curves continue across the restart
     diff = max((a["network"][k].float() - b["network"][k].float()).abs().max().item() for k in a["network"])
     print(f"max abs weight difference, resumed vs uninterrupted: {diff:.3g}")
     assert diff <= 1e-5
