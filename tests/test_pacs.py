@@ -385,3 +385,28 @@ def test_listener_cstore_in_and_back_restart_sigterm(pacs: Orthanc, ct_bundle: P
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows.values()), rows
     segs = pacs.segs()
     assert {s["StudyInstanceUID"] for s in segs} == {_study(SERIES / c) for c in ("case_000", "case_001")}
+
+
+def test_listener_stop_lets_the_current_case_finish(tmp_path: Path) -> None:
+    """SIGTERM sets ``stop``: the series being segmented is finished and recorded, then ``serve`` returns 0.
+    (No PACS needed: an engine stand-in receives the stop request in the middle of its case.)"""
+    from medseg.predict.listener import Listener
+    from medseg.predict.report import CaseResult
+
+    received = tmp_path / ".medseg" / "received"
+    for name in ("series-a", "series-b"):
+        shutil.copytree(SERIES / "case_001", received / name)
+
+    class Engine:
+        output_dir, summary, runs = str(tmp_path), {}, []
+
+        def run(self, source: str, cases: list[Any]) -> list[CaseResult]:
+            listener.stop.set()  # the signal arrives during the case
+            time.sleep(0.2)
+            self.runs.append(cases[0].id)
+            return [CaseResult(cases[0].id, cases[0].input, "ok")]
+
+    listener = Listener(Engine(), LISTEN_AET, _free_port(), host="127.0.0.1", series_timeout=0, poll=0.01)
+    assert listener.serve() == 0
+    assert Engine.runs == ["series-a"]  # finished; the next one waits for the next start
+    assert list(_rows(tmp_path)) == ["series-a"]
