@@ -154,7 +154,7 @@ def test_bundle_layout_and_metadata(name: str) -> None:
     verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(SCHEMA))
 
 
-@pytest.mark.parametrize("name", NAMES[:3])
+@pytest.mark.parametrize("name", NAMES)
 def test_metadata_is_true(name: str) -> None:
     """Installable pins that satisfy medseg's own requirements, channel_def per channel, value ranges,
     eval_metrics where weights ship, a changelog entry for the version, all checked against the schema."""
