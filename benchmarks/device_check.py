@@ -66,6 +66,12 @@ def _timed(fn: Any, device: torch.device, repeats: int = 2) -> tuple[float, floa
     return best, _peak_mb(device)
 
 
+def _compare(size: tuple[int, ...], ours: tuple[float, float], monai: tuple[float, float]) -> dict[str, Any]:
+    """A row of medseg against MONAI: seconds and peak memory of each, and MONAI's time over medseg's."""
+    return {"size": "x".join(map(str, size)), "medseg_s": ours[0], "monai_s": monai[0],
+            "speedup": monai[0] / ours[0], "medseg_peak_mb": ours[1], "monai_peak_mb": monai[1]}  # fmt: skip
+
+
 def check_tests(quick: bool) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", str(ROOT / "tests")]
     t0 = time.perf_counter()
@@ -104,18 +110,8 @@ def check_inferer(device: torch.device, quick: bool) -> list[dict[str, Any]]:
             with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp):
                 return sliding_window_inference(x, roi, 4, net, overlap=0.25, mode="gaussian")
 
-        t_ours, m_ours = _timed(medseg_run, device)
-        t_monai, m_monai = _timed(monai_run, device)
         rows.append(
-            {
-                "precision": label,
-                "size": "x".join(map(str, size)),
-                "medseg_s": t_ours,
-                "monai_s": t_monai,
-                "speedup": t_monai / t_ours,
-                "medseg_peak_mb": m_ours,
-                "monai_peak_mb": m_monai,
-            }
+            {"precision": label, **_compare(size, _timed(medseg_run, device), _timed(monai_run, device))}
         )
     return rows
 
@@ -198,16 +194,8 @@ def check_elastic(device: torch.device, quick: bool) -> dict[str, Any]:
         device=device,
     )
     monai.set_random_state(0)
-    t_ours, m_ours = _timed(lambda: ours({"image": img, "label": lab}), device, repeats=3)
-    t_monai, m_monai = _timed(lambda: monai({"image": img, "label": lab}), device, repeats=3)
-    return {
-        "size": "x".join(map(str, size)),
-        "medseg_s": t_ours,
-        "monai_s": t_monai,
-        "speedup": t_monai / t_ours,
-        "medseg_peak_mb": m_ours,
-        "monai_peak_mb": m_monai,
-    }
+    data = {"image": img, "label": lab}
+    return _compare(size, _timed(lambda: ours(data), device, 3), _timed(lambda: monai(data), device, 3))
 
 
 def markdown(doc: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ __all__ = [
     "read_metadata",
     "read_state_dict",
     "sha256_file",
+    "state_dict_mismatch",
 ]
 
 #: keys under which trainers nest a state dict, tried in this order
@@ -84,28 +85,28 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
 def load_weights(network: Any, path: str | os.PathLike[str]) -> str:
     """Load a checkpoint into ``network`` strictly; returns the file's sha256.
 
-    Floating-point tensors are cast to the dtype of the parameter they load into (weights stored in
-    fp16 load into an fp32 network).
+    Floating-point tensors take the dtype of the parameter they load into (``load_state_dict`` copies into
+    the existing tensors: weights stored in fp16 load into an fp32 network).
     """
     sd = read_state_dict(path)
-    own = network.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise BundleError(
-            path, f"checkpoint does not fit network_def: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for key, value in own.items():
-        if tuple(value.shape) != tuple(sd[key].shape):
-            raise BundleError(
-                path,
-                f"checkpoint does not fit network_def: '{key}' has shape {tuple(sd[key].shape)}, "
-                f"the network expects {tuple(value.shape)}",
-            )
-        if value.is_floating_point() and sd[key].dtype != value.dtype:
-            sd[key] = sd[key].to(value.dtype)
+    reason = state_dict_mismatch(network.state_dict(), sd)
+    if reason:
+        raise BundleError(path, f"checkpoint does not fit network_def: {reason}")
     network.load_state_dict(sd, strict=True)
     return sha256_file(path)
+
+
+def state_dict_mismatch(expected: Mapping[str, Any], state: Mapping[str, Any]) -> str | None:
+    """Why ``state`` does not load strictly into a network whose state dict is ``expected`` (``None``: it
+    does): missing or unexpected keys, or the first tensor of another shape."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        return f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+    for key, value in expected.items():
+        if tuple(value.shape) != tuple(state[key].shape):
+            return f"'{key}' has shape {tuple(state[key].shape)}, the network expects {tuple(value.shape)}"
+    return None
 
 
 def read_metadata(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -241,22 +241,15 @@ def _check_weights(bundle: Path, infer_file: Path, weights: Path) -> None:
         raise BundleError(bundle, f"network_def of {infer_file.name} cannot be built: {exc}") from exc
     finally:
         sys.path.remove(str(bundle))
-    expected = network.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
+    from medseg.bundle import state_dict_mismatch
+
+    reason = state_dict_mismatch(network.state_dict(), state)
+    if reason:
         raise BundleError(
             bundle,
             f"models/{weights.name} does not match network_def (MONAI Label would load it with strict=False "
-            f"and serve an untrained network): missing {missing[:5]}, unexpected {unexpected[:5]}",
+            f"and serve an untrained network): {reason}",
         )
-    for key, value in expected.items():
-        if tuple(value.shape) != tuple(state[key].shape):
-            raise BundleError(
-                bundle,
-                f"models/{weights.name}: '{key}' has shape {tuple(state[key].shape)}, network_def expects "
-                f"{tuple(value.shape)}",
-            )
 
 
 def check_bundle(

@@ -208,17 +208,9 @@ def test_one_epoch_smoke_training_on_two_small_crops(tmp_path: Path) -> None:
 
 @needs_weights
 def test_shipped_weights_load_strictly_into_network_def() -> None:
-    from monai.bundle import ConfigParser
+    from shipped_weights import assert_fp16_weights_load_strictly
 
-    path = BUNDLE / "models" / "model.pt"
-    assert path.stat().st_size <= 5 * 2**20  # stored as fp16 to keep the repository small
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(sd)  # strict=True: every key, every shape
-    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert_fp16_weights_load_strictly(BUNDLE)
 
 
 @needs_data

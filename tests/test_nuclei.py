@@ -249,15 +249,6 @@ def test_predict_writes_instances_on_the_source_grid(trained_nuclei: Path, tmp_p
 
 @pytest.mark.skipif(not (BUNDLE / "models" / "model.pt").is_file(), reason="no shipped weights")
 def test_shipped_weights_load_strictly_into_network_def() -> None:
-    import torch
-    from monai.bundle import ConfigParser
+    from shipped_weights import assert_fp16_weights_load_strictly
 
-    path = BUNDLE / "models" / "model.pt"
-    assert path.stat().st_size <= 5 * 2**20  # stored as fp16 to keep the repository small
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(sd)  # strict=True: every key, every shape
-    assert all(p.dtype == torch.float32 for p in net.parameters())  # computed with fp32 master weights
+    assert_fp16_weights_load_strictly(BUNDLE)

@@ -301,9 +301,10 @@ class DarkBackground(Transform):
         self.inverted = []
         q = torch.tensor([self.lower / 100, 0.5, self.upper / 100], dtype=torch.float64, device=x.device)
         for c in range(x.shape[0]):
-            vals = x[c].reshape(-1).to(torch.float64)
+            vals = x[c].reshape(-1)
             if vals.numel() > 1 << 24:  # torch.quantile's size limit; a strided subsample is enough
                 vals = vals[:: vals.numel() // (1 << 24) + 1]
+            vals = vals.to(torch.float64)
             lo, med, hi = torch.quantile(vals, q).tolist()
             flip = hi > lo and med > (lo + hi) / 2
             self.inverted.append(bool(flip))

@@ -423,8 +423,7 @@ class OverlapTileInferer(Inferer):
                     if weight is not None:
                         pred = pred.float() * weight
                     if labels:  # the tile's label map, on the tile's device (argmax needs all channels)
-                        lab = pred > 0 if pred.shape[1] == 1 else pred.argmax(1, keepdim=True)
-                        pred = lab.to(out.dtype)
+                        pred = pred > 0 if pred.shape[1] == 1 else pred.argmax(1, keepdim=True)
                     pred = pred.to(out.dtype)
                     event = None
                     if pred.device != device:

@@ -133,10 +133,6 @@ def _scan(path: str) -> tuple[str | None, list[Any], str | None]:
     return str(uid), slices, None
 
 
-def _ignored(name: str) -> bool:
-    return is_ignored(name)
-
-
 # ---------------------------------------------------------------------------------------- discovery
 def _rel(path: str, root: str) -> str:
     rel = os.path.relpath(path, root)
@@ -205,7 +201,7 @@ def _walk(root: str, exclude: Sequence[str]) -> list[Case]:
             for d in dirnames
             if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in excluded
         )
-        names = sorted(n for n in filenames if not _ignored(n))
+        names = sorted(n for n in filenames if not is_ignored(n))
         if not dirnames and not filenames and dirpath != root:
             rel = _rel(dirpath, root)
             cases.append(
@@ -241,11 +237,11 @@ def _entry_cases(path: str, root: str) -> list[Case]:
         return [Case(case_id(rel), rel, path, "unknown", (), error=f"{rel}: no such file or folder")]
     if kind != "folder":
         return [_file_case(path, root)]
-    files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names if not _ignored(n))
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names if not is_ignored(n))
     if not files:
         return [Case(case_id(rel), rel, path, "empty", (), error=f"{rel}: empty folder (no files)")]
     direct = sorted(os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
-    dicom = [f for f in direct if not _ignored(os.path.basename(f)) and _is_dicom_file(f)]
+    dicom = [f for f in direct if not is_ignored(os.path.basename(f)) and _is_dicom_file(f)]
     if dicom:
         return _folder_cases(path, dicom, root)
     return [Case(case_id(rel), rel, path, "dicom-series", tuple(files))]  # let the reader decide

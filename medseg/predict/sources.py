@@ -98,8 +98,6 @@ class CaseLoader:
     # ------------------------------------------------------------------------------------ loading
     def read(self, case: Case) -> Any:
         """The image of ``case`` as read (before the rest of the preprocessing)."""
-        from medseg.data.loading import preflight
-
         if case.error:
             raise CaseError(case.error)
         if case.is_dicom:
@@ -111,8 +109,7 @@ class CaseLoader:
             else:
                 scanned = {"files": case.files if case.series_uid else None}
             reader = DicomReader(series_uid=case.series_uid, recursive=False, **scanned)
-            preflight(case.path)
-            return self._loader(case.path, reader=reader)
+            return self._loader(case.path, reader=reader)  # StrictLoadImage: preflight included
         if self._nifti_reader is not None and case.path.lower().endswith(".nii.gz"):
             if not any(r.verify_suffix(case.path) for r in self._loader.designated):
                 return self._loader(case.path, reader=self._nifti_reader)
