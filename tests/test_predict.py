@@ -31,6 +31,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs bundles/unet_ct_3d and sample_data/ct_3d",
 )
 
+
 def _temp_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if ".tmp" in p.name]
 
@@ -388,15 +389,18 @@ def test_foreground_threshold_equals_argmax_of_inverted_probabilities(bundle: Pa
     """unet_ct_3d inverts only the foreground probability and keeps voxels where it is >= 0.5: on a real
     case that is the label map of the usual chain (both probabilities inverted, then argmax) except where
     the model is undecided (the two probabilities tie), which the threshold gives to the foreground."""
-    from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, Lambdad, SaveImaged
+    from medseg.transforms import InvertToLabelsd
+    from monai.transforms import Activationsd, AsDiscreted, Compose, Lambdad, SaveImaged
 
     from medseg.predict.discovery import discover_cases
 
     predictor = BatchPredictor.from_bundle(bundle, tmp_path, config_file=_configs(bundle), progress=False)
     steps = predictor.postprocessing.transforms
-    assert [type(t) for t in steps] == [Activationsd, Lambdad, Invertd, AsDiscreted]  # SaveImaged dropped
+    # SaveImaged dropped, Invertd + AsDiscreted fused
+    assert [type(t) for t in steps] == [Activationsd, Lambdad, InvertToLabelsd]
     assert not any(isinstance(t, SaveImaged) for t in steps)
-    act, _, inv, _ = steps
+    act, _, fused = steps
+    inv = fused.invert
     case = next(c for c in discover_cases(CT / "images") if c.id.startswith("case_001"))
     prep = predictor.loader.load(case, "")
     pred, _ = predictor._infer(prep)

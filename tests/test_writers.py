@@ -138,7 +138,7 @@ def test_nifti_dtypes_and_bad_masks(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
 def test_nifti_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
-    import medseg.data.writers as writers
+    import medseg.data.gzip_codec as codec
 
     img = _load_nifti(ANATOMICAL)
     out = tmp_path / f"mask{suffix}"
@@ -154,7 +154,7 @@ def test_nifti_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
         raise OSError("disk full")
 
     monkeypatch.setattr(nib, "save", broken_save)  # .nii
-    monkeypatch.setattr(writers, "gzip_compress", broken_compress)  # .nii.gz
+    monkeypatch.setattr(codec, "gzip_compress", broken_compress)  # .nii.gz: the streaming writer's members
     with pytest.raises(OSError, match="disk full"):
         write_nifti_mask(torch.zeros_like(img, dtype=torch.uint8), None, out)
     assert out.read_bytes() == before and os.listdir(tmp_path) == [out.name]
@@ -385,3 +385,49 @@ def test_dicom_seg_and_nifti_for_sample_ct(tmp_path: Path) -> None:
     back = nib.load(tmp_path / "liver.nii.gz")
     np.testing.assert_allclose(back.affine, src.affine, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(src.dataobj))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_gzip_member_writer_streams_one_valid_gzip_file(tmp_path: Path, threads: int) -> None:
+    """Members of a few bytes each, written in order: gzip, nibabel and the reader see one stream; the
+    NIfTI bytes equal nibabel's own serialisation; seeking backwards is refused."""
+    import gzip
+
+    from medseg.data.gzip_codec import GzipMemberWriter
+
+    rng = np.random.default_rng(0)
+    mask = np.asfortranarray((rng.random((37, 29, 23)) > 0.6).astype(np.uint8))
+    img = nib.Nifti1Image(mask, np.diag([0.5, 0.6, 2.0, 1.0]))
+    path = tmp_path / "m.nii.gz"
+    with open(path, "wb") as fh, GzipMemberWriter(fh, chunk=1000, threads=threads) as gz:
+        img.to_stream(gz)
+        with pytest.raises(OSError, match="current position"):
+            gz.seek(0)
+    raw = path.read_bytes()
+    assert raw.count(b"\x1f\x8b\x08") >= mask.size // 1000  # many members
+    assert gzip.decompress(raw) == img.to_bytes()
+    np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), mask)
+
+
+def test_gzip_member_writer_error_leaves_no_pending_write(tmp_path: Path) -> None:
+    from medseg.data.gzip_codec import GzipMemberWriter
+
+    path = tmp_path / "x.gz"
+    with pytest.raises(RuntimeError), open(path, "wb") as fh, GzipMemberWriter(fh, chunk=10**6) as gz:
+        gz.write(b"abc" * 1000)
+        raise RuntimeError("stop")
+    assert path.read_bytes() == b""  # the buffered chunk was dropped, not flushed
+
+
+def test_fortran_mask_written_without_transposing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A label map already in NIfTI's voxel order (first axis fastest) is written as is."""
+    import medseg.data.writers as writers
+
+    def no_copy(*args: object, **kwargs: object) -> None:
+        raise AssertionError("transposed_copy called")
+
+    monkeypatch.setattr(writers, "transposed_copy", no_copy)
+    mask = np.asfortranarray((np.arange(6 * 5 * 4).reshape(6, 5, 4) % 3).astype(np.uint8))
+    ref = {"affine": np.eye(4), "original_affine": np.eye(4), "spatial_shape": np.array(mask.shape)}
+    write_nifti_mask(mask, ref, tmp_path / "f.nii.gz")
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "f.nii.gz").dataobj), mask)

@@ -29,12 +29,15 @@ from monai.transforms.inverse import TraceableTransform
 from monai.utils import TraceKeys, convert_to_tensor, ensure_tuple, fall_back_tuple
 from monai.utils.type_conversion import convert_to_dst_type, get_equivalent_dtype, get_torch_dtype_from_string
 
+from .inverse_labels import LabelRule, pending_label_request
+
 __all__ = [
     "SeparableResample",
     "SeparableSpacing",
     "SeparableSpacingd",
     "separable_is_cheaper",
     "separable_linear_resample",
+    "separable_resample_to_labels",
 ]
 
 # largest position error (in voxels) tolerated from ignoring off-diagonal terms of the voxel map
@@ -48,6 +51,7 @@ _BAND_ROWS, _BAND_MIN_POST = 32, 256  # dense matrix in blocks of rows when the 
 # middle axis, ``pre`` in the hundreds, runs 5-8x faster with the gathers)
 _BAND_MAX_PRE = 8
 _GATHER_BLOCK = 1 << 24  # elements per block of the two-gather pass
+_SLAB_ELEMENTS = 1 << 22  # input elements per slab converted at a time (an input of another dtype)
 # rough CPU costs (ns) behind the choice between this path and grid_sample: per multiply-add of a dense
 # pass, per output element of a gather pass, per output voxel and channel of grid_sample
 _NS_MAC, _NS_GATHER, _NS_GRID = 0.01, 6.0, 20.0
@@ -141,11 +145,82 @@ def separable_linear_resample(
         raise ValueError(
             f"spatial rank mismatch: image {tuple(img.shape)}, size {n_out}, scale {list(scale)}"
         )
-    y = img.to(dtype)
-    for ax in _axis_order(n_in, n_out):
-        if not (n_out[ax] == n_in[ax] and scale[ax] == 1.0 and shift[ax] == 0.0):
+    todo = [
+        ax
+        for ax in _axis_order(n_in, n_out)
+        if not (n_out[ax] == n_in[ax] and scale[ax] == 1.0 and shift[ax] == 0.0)
+    ]
+
+    def passes(y: torch.Tensor, axes: Sequence[int]) -> torch.Tensor:
+        for ax in axes:
             y = _resample_axis(y, ax, n_out[ax], float(scale[ax]), float(shift[ax]), padding_mode)
-    return y.to(torch.float32)
+        return y
+
+    if img.dtype == dtype or len(n_in) < 2 or not todo:
+        return passes(img.to(dtype), todo).to(torch.float32)
+    # another dtype (e.g. int16 as stored): convert one slab at a time along the outermost axis in
+    # memory, resample the other axes per slab, that axis last: no full-size converted copy
+    s = max(range(len(n_in)), key=lambda a: (img.stride(a + 1), a))
+    inner = [ax for ax in todo if ax != s]
+    mid = [n_out[a] if a in inner else n_in[a] for a in range(len(n_in))]
+    y = torch.empty((img.shape[0], *mid), dtype=dtype, device=img.device)
+    per_slab = img.shape[0] * int(np.prod([n for a, n in enumerate(n_in) if a != s]))
+    step = max(1, _SLAB_ELEMENTS // max(1, per_slab))
+    for i0 in range(0, n_in[s], step):
+        n = min(step, n_in[s] - i0)
+        y.narrow(s + 1, i0, n).copy_(passes(img.narrow(s + 1, i0, n).to(dtype), inner))
+    return passes(y, [s] if s in todo else []).to(torch.float32)
+
+
+def separable_resample_to_labels(
+    img: torch.Tensor,
+    scale: Sequence[float],
+    shift: Sequence[float],
+    spatial_size: Sequence[int],
+    rule: LabelRule,
+    padding_mode: str = "border",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``rule(separable_linear_resample(img, ...))`` without the full-size scores: the other axes are
+    resampled for a block of input planes along the last spatial axis at a time, then each output plane is
+    the weighted sum of its two input planes, discretised at once. The labels are laid out with the first
+    spatial axis fastest (NIfTI's voxel order: the writer needs no transposing copy)."""
+    n_in = [int(s) for s in img.shape[1:]]
+    n_out = [int(s) for s in spatial_size]
+    if len(n_out) != len(n_in) or len(scale) != len(n_in) or len(shift) != len(n_in):
+        raise ValueError(
+            f"spatial rank mismatch: image {tuple(img.shape)}, size {n_out}, scale {list(scale)}"
+        )
+    rank, channels = len(n_in), int(img.shape[0])
+    rev = [0, *range(rank, 0, -1)]  # (C, x, y, z) <-> (C, z, y, x)
+    src = img.permute(rev)  # a view: planes along the last spatial axis come first
+    out_rev = torch.empty((rule.channels(channels), *n_out[::-1]), dtype=rule.dtype, device=img.device)
+    inner_scale, inner_shift = [1.0, *scale[:-1][::-1]], [0.0, *shift[:-1][::-1]]
+    lo, hi, w_lo, w_hi = _axis_taps(n_in[-1], n_out[-1], float(scale[-1]), float(shift[-1]), padding_mode)
+    plane = channels * int(np.prod(n_out[:-1]))
+    ratio = max(1.0, n_out[-1] / max(1, n_in[-1]))  # output planes per input plane
+    # output planes per block: their input planes (resampled in-plane at once) hold ~4 slabs' worth
+    step = max(1, int(4 * _SLAB_ELEMENTS * ratio) // max(1, plane))
+    scores = torch.empty((channels, *n_out[:-1][::-1]), dtype=dtype, device=img.device)
+    for o0 in range(0, n_out[-1], step):
+        o1 = min(o0 + step, n_out[-1])
+        i0, i1 = int(lo[o0:o1].min()), int(hi[o0:o1].max()) + 1  # the input planes these outputs use
+        planes = separable_linear_resample(
+            src.narrow(1, i0, i1 - i0),
+            inner_scale,
+            inner_shift,
+            [i1 - i0, *n_out[:-1][::-1]],
+            padding_mode,
+            dtype,
+        )
+        for o in range(o0, o1):
+            a, b, wa, wb = planes[:, lo[o] - i0], planes[:, hi[o] - i0], float(w_lo[o]), float(w_hi[o])
+            if wa + wb == 1.0:
+                torch.lerp(a, b, wb, out=scores)
+            else:  # a tap outside the image with zeros padding
+                torch.mul(a, wa, out=scores).add_(b, alpha=wb)
+            rule.write(scores, out_rev[:, o])
+    return out_rev.permute(rev)
 
 
 def _axis_order(n_in: Sequence[int], n_out: Sequence[int]) -> list[int]:
@@ -183,8 +258,11 @@ class SeparableResample(SpatialResample):
         mode: Any,
         padding_mode: Any,
         align_corners: bool,
+        dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, np.ndarray, list[int]] | None:
-        """(source affine, voxel map, output size) when the fast path applies, else ``None``."""
+        """(source affine, voxel map, output size) when the fast path applies, else ``None``. An integer
+        input (e.g. int16 as stored) always takes the fast path, which converts it slab by slab to the
+        floating ``dtype`` (``grid_sample`` would need a converted copy of the whole volume)."""
         if USE_COMPILED or isinstance(mode, int) or _mode_name(mode) != "bilinear":
             return None
         if _mode_name(padding_mode) not in ("border", "zeros") or not isinstance(img, MetaTensor):
@@ -219,7 +297,8 @@ class SeparableResample(SpatialResample):
             return None  # MONAI returns the image unresampled: let it
         if align_corners and 1 in (*in_size, *size):
             return None  # grid_sample's normalisation of unit-size axes is special-cased: keep MONAI's
-        if not separable_is_cheaper(int(img.shape[0]), in_size, size):
+        converts = dtype is not None and dtype.is_floating_point and not img.is_floating_point() and rank >= 2
+        if not converts and not separable_is_cheaper(int(img.shape[0]), in_size, size):
             return None
         if img.is_floating_point() and not bool(torch.isfinite(img.as_tensor().sum())):
             return None  # NaN/inf: a matrix product spreads them along whole lines, grid_sample does not
@@ -235,20 +314,27 @@ class SeparableResample(SpatialResample):
         align_corners: bool | None = None,
         dtype: DtypeLike = None,
         lazy: bool | None = None,
+        labels: LabelRule | None = None,
     ) -> torch.Tensor:
+        """MONAI's ``SpatialResample.__call__``; with ``labels``, when the fast path applies, the result is
+        ``labels`` applied to the resampled image (computed slab by slab), else ``None``."""
         mode = self.mode if mode is None else mode
         padding_mode = self.padding_mode if padding_mode is None else padding_mode
         align_corners = self.align_corners if align_corners is None else align_corners
         lazy_ = self.lazy if lazy is None else lazy
+        dtype_pt = get_equivalent_dtype(dtype or self.dtype or img.dtype, torch.Tensor)
         plan = None
         if not lazy_:
-            plan = self._plan(img, dst_affine, spatial_size, mode, padding_mode, bool(align_corners))
+            plan = self._plan(
+                img, dst_affine, spatial_size, mode, padding_mode, bool(align_corners), dtype_pt
+            )
         if plan is None:
+            if labels is not None:
+                return None  # type: ignore[return-value]
             return super().__call__(
                 img, dst_affine, spatial_size, mode, padding_mode, align_corners, dtype, lazy
             )  # fmt: skip
         src, xform, size = plan
-        dtype_pt = get_equivalent_dtype(dtype or self.dtype or img.dtype, torch.Tensor)
         rank = len(size)
         extra_info = {  # what MONAI's spatial_resample records, so that inverse() and Invertd work alike
             "dtype": str(dtype_pt)[6:],
@@ -267,14 +353,16 @@ class SeparableResample(SpatialResample):
             transform_info=self.get_transform_info(),
             lazy=False,
         )
-        out = separable_linear_resample(
+        args = (
             img.as_tensor(),
             [float(xform[a, a]) for a in range(rank)],
             [float(xform[a, rank]) for a in range(rank)],
             size,
-            _mode_name(padding_mode),
-            dtype_pt,
         )
+        if labels is not None:
+            out = separable_resample_to_labels(*args, labels, _mode_name(padding_mode), dtype_pt)
+        else:
+            out = separable_linear_resample(*args, _mode_name(padding_mode), dtype_pt)
         out = convert_to_tensor(out, track_meta=get_track_meta())
         return out.copy_meta_from(meta_info) if isinstance(out, MetaTensor) else out
 
@@ -288,6 +376,13 @@ class SeparableResample(SpatialResample):
         if kw_args.get("align_corners") == TraceKeys.NONE:
             kw_args["align_corners"] = False
         with self.trace_transform(False):
+            # labels wanted, and only exact index maps left to invert: interpolate and discretise at once
+            request = pending_label_request(data.applied_operations) if isinstance(data, MetaTensor) else None
+            if request is not None:
+                out = self.__call__(data, **kw_args, labels=request.rule)
+                if out is not None:
+                    request.done = True
+                    return out
             return self.__call__(data, **kw_args)
 
 

@@ -8,13 +8,19 @@ accept ordinary gzip streams (RFC 1952), so files stay readable by every tool.
 from __future__ import annotations
 
 import gzip
+import io
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, BinaryIO
 
 try:  # optional accelerator (a dependency of medseg; absent on platforms without wheels)
     from isal import igzip as _igzip
+    from isal import igzip_threaded as _igzip_threaded
 except ImportError:  # pragma: no cover - the tests reach the fallback by setting _igzip = None
-    _igzip = None
+    _igzip = _igzip_threaded = None
 
-__all__ = ["HAS_ISAL", "gzip_compress", "gzip_decompress"]
+__all__ = ["HAS_ISAL", "GzipMemberWriter", "gzip_compress", "gzip_decompress", "gzip_open"]
 
 HAS_ISAL = _igzip is not None
 
@@ -24,8 +30,106 @@ def gzip_decompress(data: bytes) -> bytes:
     return _igzip.decompress(data) if _igzip is not None else gzip.decompress(data)
 
 
-def gzip_compress(data: bytes, level: int = 1) -> bytes:
+def gzip_open(path: str | os.PathLike[str]) -> BinaryIO:
+    """A gzip file opened for streamed reading (``readinto`` straight into the caller's buffer; members
+    concatenated). With ISA-L the file is read and inflated on a second thread, overlapped with the
+    caller's copying."""
+    if _igzip is not None and _igzip_threaded is not None:
+        return _igzip_threaded.open(path, "rb", threads=1)  # type: ignore[no-any-return]
+    return gzip.open(path, "rb")  # type: ignore[return-value]
+
+
+def gzip_compress(data: bytes | memoryview, level: int = 1) -> bytes:
     """gzip stream of ``data`` (``level`` 0-9; ISA-L caps it at its highest level, 3)."""
     if _igzip is not None:
         return _igzip.compress(data, min(max(level, 0), 3))
     return gzip.compress(data, compresslevel=level)
+
+
+class GzipMemberWriter(io.RawIOBase):
+    """Write-only stream that gzips what it is given into ``fileobj`` as independent members of ``chunk``
+    bytes, compressed on ``threads`` threads (ISA-L and zlib release the GIL) and written in order. A
+    multi-member file is one valid gzip file (RFC 1952, 2.2): every reader inflates it whole. ``seek`` only
+    goes to the current position (writers then pad forward with zeros, as for any gzip stream). Closing
+    writes the rest; leaving a ``with`` block on an error drops what is pending."""
+
+    def __init__(
+        self, fileobj: BinaryIO, level: int = 1, chunk: int = 1 << 24, threads: int | None = None
+    ) -> None:
+        super().__init__()
+        self._out, self._level, self._chunk = fileobj, level, int(chunk)
+        self._threads = max(1, threads if threads is not None else min(4, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(self._threads) if self._threads > 1 else None
+        self._pending: deque[Future[bytes] | bytes] = deque()
+        self._buf = bytearray()
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = {io.SEEK_SET: offset, io.SEEK_CUR: self._pos + offset}.get(whence)
+        if target != self._pos:
+            raise OSError("a gzip stream being written only seeks to its current position")
+        return self._pos
+
+    def write(self, b: Any) -> int:
+        if self.closed:
+            raise ValueError("write to a closed GzipMemberWriter")
+        view = memoryview(b).cast("B")
+        n = len(view)
+        self._pos += n
+        if self._buf:  # complete the buffered chunk first
+            take = min(n, self._chunk - len(self._buf))
+            self._buf += view[:take]
+            view = view[take:]
+            if len(self._buf) == self._chunk:
+                self._submit(bytes(self._buf))
+                self._buf = bytearray()
+        while len(view) >= self._chunk:  # whole chunks: one copy each, straight from the caller's data
+            self._submit(bytes(view[: self._chunk]))
+            view = view[self._chunk :]
+        self._buf += view
+        return n
+
+    def _submit(self, data: bytes) -> None:
+        if self._pool is None:
+            self._pending.append(gzip_compress(data, self._level))
+        else:
+            self._pending.append(self._pool.submit(gzip_compress, data, self._level))
+        while len(self._pending) > 2 * self._threads:  # bounded: at most a few chunks in flight
+            self._drain_one()
+
+    def _drain_one(self) -> None:
+        item = self._pending.popleft()
+        self._out.write(item if isinstance(item, bytes) else item.result())
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self._buf or self._pos == 0:
+                self._submit(bytes(self._buf))
+                self._buf = bytearray()
+            while self._pending:
+                self._drain_one()
+        finally:
+            self._shutdown()
+            super().close()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __exit__(self, exc_type: Any, *args: Any) -> None:
+        if exc_type is not None:  # drop what is pending: the caller discards the partial file
+            self._pending.clear()
+            self._buf = bytearray()
+            self._shutdown()
+            super().close()
+            return
+        self.close()

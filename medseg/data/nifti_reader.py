@@ -2,9 +2,9 @@
 
 Two costs dominate loading a compressed NIfTI volume with MONAI: gzip inflation through Python's
 chunked ``gzip`` module and, in ``LoadImage``, numpy's strided copy of nibabel's Fortran-ordered array
-into the C order MONAI keeps. This reader inflates the whole file in one call
-(:mod:`medseg.data.gzip_codec`, ISA-L when installed), builds the image with nibabel's own
-``from_bytes``, and returns 3-D arrays C-ordered through a tiled copy
+into the C order MONAI keeps. This reader inflates the file streamed
+(:mod:`medseg.data.gzip_codec`, ISA-L on a second thread when installed; the file's bytes are never held
+whole), a slab of slices at a time copied into a C-ordered 3-D array through a tiled transposing copy
 (:func:`medseg.data.transpose.transposed_copy`). Everything else (headers, affines, channel handling,
 ``as_closest_canonical``, ...) is ``NibabelReader``'s; uncompressed files, GPU loading and ``nib.load``
 keyword arguments take its own path.
@@ -25,52 +25,119 @@ from monai.utils import ensure_tuple
 from nibabel.volumeutils import apply_read_scaling
 
 from medseg.data.errors import ReadError
-from medseg.data.gzip_codec import gzip_decompress
+from medseg.data.gzip_codec import gzip_open
 from medseg.data.transpose import transposed_copy
 
 __all__ = ["NiftiReader"]
 
 _SIZEOF_HDR = {348: nib.Nifti1Image, 540: nib.Nifti2Image}
+_HEAD_MIN = 544  # the NIfTI-2 header and its extension flag (NIfTI-1: 352 bytes)
+_READ_CHUNK = 1 << 24
 
 
 def _load_gz(path: str) -> nib.Nifti1Image:
-    """Inflate ``path`` in one call and build the image around its voxel array, made C-ordered (3-D) and
-    scaled here: the inflated bytes are viewed, not copied, and released on return, so the peak is the
-    inflated file plus one array (nibabel's own route holds a second copy and scales in float64)."""
-    with open(path, "rb") as fh:
-        raw = fh.read()
+    """Inflate ``path`` streamed and build the image around its voxel array: a 3-D volume is inflated a
+    slab of slices at a time, each slab scaled (as nibabel's ``apply_read_scaling``, into float32 where
+    nibabel would use float64) and copied transposed into the C-ordered array; no copy of the file's bytes
+    or of the volume as stored is ever held. Other ranks are inflated whole and converted after."""
     try:
-        data = gzip_decompress(raw)
-    except (EOFError, OSError, ValueError) as e:
+        with gzip_open(path) as fh:
+            head = fh.read(_HEAD_MIN)
+            if len(head) < 4:
+                raise ReadError(path, f"not a NIfTI file ({len(head)} bytes after decompression)")
+            for order in ("<", ">"):
+                size = int(np.frombuffer(head[:4], dtype=f"{order}i4")[0])
+                cls = _SIZEOF_HDR.get(size)
+                if cls is not None:
+                    break
+            else:
+                raise ReadError(path, "not a NIfTI-1/2 file (header size field is neither 348 nor 540)")
+            try:  # the fixed header gives the voxel offset; extensions lie between the two
+                offset = int(cls.header_class.from_fileobj(io.BytesIO(head[:size])).get_data_offset())
+                if offset > len(head):
+                    head += fh.read(offset - len(head))
+                header = cls.header_class.from_fileobj(io.BytesIO(head[: max(offset, size)]))
+                shape = tuple(int(n) for n in header.get_data_shape())
+                dtype = header.get_data_dtype()
+                slope, inter = header.get_slope_inter()
+            except ReadError:
+                raise
+            except Exception as e:
+                raise ReadError(path, f"unreadable NIfTI ({type(e).__name__}: {e})") from None
+            count = int(np.prod(shape)) if shape else 0
+            stream = _Voxels(fh, head[offset:] if offset < len(head) else b"", offset - len(head))
+            if stream.skip and not stream.skip_to_data():
+                raise ReadError(path, "truncated NIfTI: the file ends before its voxel data")
+            truncated = (
+                f"truncated NIfTI: the header declares {count} voxels of {dtype}, the file holds fewer"
+            )
+            scaled = slope is not None and (slope != 1.0 or (inter or 0.0) != 0.0)
+            if len(shape) == 3 and count:
+                arr = _read_c_ordered(stream, shape, dtype, slope if scaled else None, inter, path, truncated)
+            else:
+                buf = np.empty(count * dtype.itemsize, dtype=np.uint8)
+                if stream.readinto(memoryview(buf)) < len(buf):
+                    raise ReadError(path, truncated)
+                arr = _c_ordered_scaled(buf.view(dtype).reshape(shape, order="F"), slope, inter)
+                del buf
+    except ReadError:
+        raise
+    except (EOFError, OSError, ValueError, RuntimeError) as e:
         reason = "truncated" if isinstance(e, EOFError) else "corrupt"
         raise ReadError(path, f"{reason} gzip stream ({type(e).__name__}: {e})") from None
-    del raw
-    size = len(data)
-    if size < 4:
-        raise ReadError(path, f"not a NIfTI file ({size} bytes after decompression)")
-    for order in ("<", ">"):
-        cls = _SIZEOF_HDR.get(int(np.frombuffer(data[:4], dtype=f"{order}i4")[0]))
-        if cls is not None:
-            break
-    else:
-        raise ReadError(path, "not a NIfTI-1/2 file (header size field is neither 348 nor 540)")
-    try:
-        header = cls.header_class.from_fileobj(io.BytesIO(data))  # shares the buffer: no copy
-        shape = tuple(int(n) for n in header.get_data_shape())
-        dtype = header.get_data_dtype()
-        offset = int(header.get_data_offset())
-        slope, inter = header.get_slope_inter()
-    except Exception as e:
-        raise ReadError(path, f"unreadable NIfTI ({type(e).__name__}: {e})") from None
-    count = int(np.prod(shape)) if shape else 0
-    if offset + count * dtype.itemsize > size:
-        raise ReadError(
-            path, f"truncated NIfTI: the header declares {count} voxels of {dtype}, the file holds fewer"
-        )
-    raw_arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
-    arr = _c_ordered_scaled(raw_arr, slope, inter)
-    del raw_arr, data
     return cls(arr, header.get_best_affine(), header)
+
+
+class _Voxels:
+    """The voxel bytes of an open NIfTI stream: what the header read already holds, then the file."""
+
+    def __init__(self, fh: Any, held: bytes, skip: int) -> None:
+        self.fh, self.held, self.skip = fh, memoryview(held), max(0, skip)
+
+    def skip_to_data(self) -> bool:
+        return len(self.fh.read(self.skip)) == self.skip
+
+    def readinto(self, buf: memoryview) -> int:
+        n = min(len(self.held), len(buf))
+        buf[:n] = self.held[:n]
+        self.held = self.held[n:]
+        while n < len(buf):
+            k = self.fh.readinto(buf[n : n + _READ_CHUNK])
+            if not k:
+                break
+            n += k
+        return n
+
+
+def _read_c_ordered(
+    stream: _Voxels,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    slope: float | None,
+    inter: float | None,
+    path: str,
+    truncated: str,
+) -> np.ndarray:
+    """A 3-D volume stored x-fastest, as a C-ordered ``(x, y, z)`` array, read a slab of z-slices at a
+    time (scaled by ``slope``/``inter`` when ``slope`` is given)."""
+    nx, ny, nz = shape
+    plane = nx * ny * dtype.itemsize
+    out_dtype = dtype
+    if slope is not None:
+        probe = apply_read_scaling(np.zeros(1, dtype=dtype), slope, inter)
+        out_dtype = np.dtype(np.float32) if probe.dtype == np.float64 else probe.dtype
+    out = np.empty(shape, dtype=out_dtype)
+    k = max(1, _READ_CHUNK // max(1, plane))
+    buf = np.empty(k * plane, dtype=np.uint8)
+    for z0 in range(0, nz, k):
+        kk = min(k, nz - z0)
+        if stream.readinto(memoryview(buf)[: kk * plane]) < kk * plane:
+            raise ReadError(path, truncated)
+        slab = buf[: kk * plane].view(dtype).reshape(kk, ny, nx)  # (z, y, x): the stored order
+        if slope is not None:
+            slab = np.asarray(apply_read_scaling(slab, slope, inter), dtype=out_dtype)
+        transposed_copy(slab, out=out[:, :, z0 : z0 + kk])
+    return out
 
 
 def _c_ordered_scaled(raw: np.ndarray, slope: float | None, inter: float | None) -> np.ndarray:
@@ -92,8 +159,8 @@ def _c_ordered_scaled(raw: np.ndarray, slope: float | None, inter: float | None)
 
 
 class NiftiReader(NibabelReader):
-    """MONAI ``NibabelReader`` (same arguments, images and metadata) that inflates ``.nii.gz`` files in
-    one call and hands ``LoadImage`` C-ordered 3-D arrays."""
+    """MONAI ``NibabelReader`` (same arguments, images and metadata) that inflates ``.nii.gz`` files
+    streamed and hands ``LoadImage`` C-ordered 3-D arrays."""
 
     def read(self, data: Sequence[os.PathLike[str] | str] | os.PathLike[str] | str, **kwargs: Any) -> Any:
         names = ensure_tuple(data)

@@ -18,18 +18,25 @@ _TILE = (64, 4, 64)  # (x, y, z) tile of the transposed copy: 32 KiB of int16, f
 
 
 def transposed_copy(
-    raw: np.ndarray, dtype: np.dtype | type | None = None, pool: ThreadPoolExecutor | None = None
+    raw: np.ndarray,
+    dtype: np.dtype | type | None = None,
+    pool: ThreadPoolExecutor | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """C-contiguous copy of ``raw`` with its first three axes reversed, cast to ``dtype`` (default: same).
 
     ``raw`` ``(z, y, x[, c])`` gives ``(x, y, z[, c])`` and vice versa; trailing axes are kept. The
-    copy goes tile by tile (slabs along the output's first axis run on ``pool`` when given).
+    copy goes tile by tile (slabs along the output's first axis run on ``pool`` when given). ``out``: an
+    array (or a view, e.g. a slab of a larger volume) of the reversed shape to copy into instead.
     """
     if raw.ndim < 3:
         raise ValueError(f"transposed_copy needs at least 3 axes, got shape {raw.shape}")
-    dtype = raw.dtype if dtype is None else np.dtype(dtype)
     nz, ny, nx = raw.shape[:3]
-    out = np.empty((nx, ny, nz, *raw.shape[3:]), dtype=dtype)
+    if out is None:
+        dtype = raw.dtype if dtype is None else np.dtype(dtype)
+        out = np.empty((nx, ny, nz, *raw.shape[3:]), dtype=dtype)
+    elif out.shape != (nx, ny, nz, *raw.shape[3:]):
+        raise ValueError(f"out has shape {out.shape}, the reversed copy of {raw.shape} needs another")
     perm = (2, 1, 0, *range(3, raw.ndim))
     tx, ty, tz = _TILE
 

@@ -27,7 +27,7 @@ from monai.utils import MetaKeys
 
 from medseg._version import __version__
 from medseg.data.errors import ReadError
-from medseg.data.gzip_codec import gzip_compress
+from medseg.data.gzip_codec import GzipMemberWriter
 from medseg.data.transpose import transposed_copy
 from medseg.io import atomic_target
 
@@ -199,14 +199,17 @@ def write_nifti_mask(
         data = data.astype(dt)
     # NIfTI stores x fastest: hand nibabel a Fortran-ordered array (one tiled transposing copy) so that
     # it writes contiguous slabs; MONAI's NibabelWriter.create_backend_obj would make it C-ordered again
-    fortran = transposed_copy(data).T if data.ndim >= 3 else np.asfortranarray(data)
+    if data.flags.f_contiguous:
+        fortran = data
+    else:
+        fortran = transposed_copy(data).T if data.ndim >= 3 else np.asfortranarray(data)
     img = nib.Nifti1Image(fortran, to_affine_nd(3, np.asarray(affine, dtype=np.float64)))
     img.set_sform(img.affine, code=1)  # as MONAI's NibabelWriter: scanner-based sform and qform
     img.set_qform(img.affine, code=1)
     with atomic_target(path, suffix) as tmp:
-        if suffix == ".nii.gz":  # one-call deflate (ISA-L when installed) of the serialised image
-            with open(tmp, "wb") as fh:
-                fh.write(gzip_compress(img.to_bytes(), level=1))
+        if suffix == ".nii.gz":  # streamed, deflated in parallel members (ISA-L when installed)
+            with open(tmp, "wb") as fh, GzipMemberWriter(fh, level=1) as gz:
+                img.to_stream(gz)
         else:
             nib.save(img, tmp)
     return path

@@ -92,9 +92,8 @@ def label_stats(
     arr = np.asarray(mask)
     if arr.dtype.kind == "u" and arr.itemsize <= 2:  # the label maps the engine writes: no sort
         top = int(arr.max()) if arr.size else 0
-        if top <= 32:  # a few labels: one cheap count per label (bincount first widens to int64)
-            found = {k: int(np.count_nonzero(arr == k)) for k in range(1, top + 1)}
-            found = {k: n for k, n in found.items() if n}
+        if top <= 32:  # a few labels: cheap counts per label (bincount first widens to int64)
+            found = _count_few_labels(arr, top)
         else:
             counts = np.bincount(arr.ravel())
             found = {int(v): int(counts[v]) for v in np.flatnonzero(counts) if v != 0}
@@ -111,6 +110,23 @@ def label_stats(
     voxels = {table[k]: found.get(k, 0) for k in sorted(table)}
     volume = {name: (None if voxel_ml is None else round(n * voxel_ml, 4)) for name, n in voxels.items()}
     return voxels, volume
+
+
+def _count_few_labels(arr: np.ndarray, top: int, block: int = 1 << 22) -> dict[int, int]:
+    """Non-zero voxel counts of labels ``1..top`` (blocks of the array in memory order: a small reused
+    temporary instead of a whole-volume comparison per label)."""
+    flat = arr.ravel(order="K")  # a view for the contiguous label maps the sinks write
+    if top == 1:
+        n = int(np.count_nonzero(flat))
+        return {1: n} if n else {}
+    counts = np.zeros(top + 1, dtype=np.int64)
+    tmp = np.empty(min(block, flat.size), dtype=bool)
+    for i in range(0, flat.size, block):
+        chunk = flat[i : i + block]
+        eq = tmp[: chunk.size]
+        for k in range(1, top + 1):
+            counts[k] += np.count_nonzero(np.equal(chunk, k, out=eq))
+    return {k: int(counts[k]) for k in range(1, top + 1) if counts[k]}
 
 
 def exit_code(rows: Iterable[CaseResult]) -> int:
@@ -193,6 +209,7 @@ def merge_reports(output_dir: str) -> tuple[int, list[str]]:
             found.setdefault(int(m.group(2)), {})[int(m.group(1))] = path
     if not found:
         return EXIT_SHARDS_MISSING, [f"{output_dir}: no report.shard-*-of-*.json to merge"]
+
     def newest(k: int) -> float:
         return max(os.path.getmtime(f) for f in found[k].values())
 

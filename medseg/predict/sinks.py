@@ -72,13 +72,24 @@ def _fast_as_discrete() -> type:
 
 def prepare_postprocessing(transform: Any) -> Any:
     """Drop ``SaveImage`` / ``SaveImaged`` from a (possibly nested) ``Compose``; give ``AsDiscrete(d)``
-    the fast argmax of :func:`channel_argmax` (copies: the caller's transforms are left untouched)."""
+    the fast argmax of :func:`channel_argmax`; run ``Invertd`` + ``AsDiscreted`` on one key as one
+    :class:`medseg.transforms.InvertToLabelsd` (same labels, no full-size score map on the source grid).
+    Copies: the caller's transforms are left untouched."""
     from monai.transforms import AsDiscrete, AsDiscreted, Compose, SaveImage, SaveImaged
+
+    from medseg.transforms import InvertToLabelsd
 
     if isinstance(transform, (SaveImage, SaveImaged)):
         return None
     if isinstance(transform, Compose):
-        kept = [t for t in (prepare_postprocessing(t) for t in transform.transforms) if t is not None]
+        kept: list[Any] = []
+        for t in (prepare_postprocessing(t) for t in transform.transforms):
+            if t is None:
+                continue
+            if kept and InvertToLabelsd.fusable(kept[-1], t):
+                kept[-1] = InvertToLabelsd(kept[-1], t)
+            else:
+                kept.append(t)
         out = copy.copy(transform)
         out.transforms = kept
         return out
@@ -196,10 +207,19 @@ class FileSink:
                     labels = None
                 series_uid, sop_uid = seg_uids(case, self.uid_seed)
                 category, prop = segment_codes(labels)
-                written.append(write_dicom_seg(mask, None, paths["dicom-seg"], labels, reference=ref,
-                                               segmented_property_category=category,
-                                               segmented_property_type=prop,
-                                               series_instance_uid=series_uid, sop_instance_uid=sop_uid))
+                written.append(
+                    write_dicom_seg(
+                        mask,
+                        None,
+                        paths["dicom-seg"],
+                        labels,
+                        reference=ref,
+                        segmented_property_category=category,
+                        segmented_property_type=prop,
+                        series_instance_uid=series_uid,
+                        sop_instance_uid=sop_uid,
+                    )
+                )
             if self.overlays:
                 from medseg.overlays import save_overlay_png
 

@@ -17,6 +17,7 @@ channel count the network takes, a size of at least a fraction of the inference 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -94,6 +95,13 @@ class CaseLoader:
                     overrides=getattr(preprocessing, "overrides", None),
                 )
         self._nifti_reader = _fast_nifti_reader(self._loader) if self._loader is not None else None
+        # a .nii.gz volume whose first numeric step is a resampling to float (after channel/orientation
+        # steps, which keep values) is read as stored: int16 voxels in file order, converted slab by slab
+        # by the resampler, never as a whole-volume float32 copy
+        self._native_loader: Any = None
+        if self._nifti_reader is not None and _resamples_to_float_first(self._rest, image_key):
+            self._native_loader = copy.copy(self._loader)
+            self._native_loader.dtype = None
 
     # ------------------------------------------------------------------------------------ loading
     def read(self, case: Case) -> Any:
@@ -112,7 +120,8 @@ class CaseLoader:
             return self._loader(case.path, reader=reader)  # StrictLoadImage: preflight included
         if self._nifti_reader is not None and case.path.lower().endswith(".nii.gz"):
             if not any(r.verify_suffix(case.path) for r in self._loader.designated):
-                return self._loader(case.path, reader=self._nifti_reader)
+                loader = self._native_loader if self._native_loader is not None else self._loader
+                return loader(case.path, reader=self._nifti_reader)
         return self._loader(case.path)
 
     def load(self, case: Case, fingerprint: str) -> Loaded:
@@ -166,6 +175,27 @@ class CaseLoader:
                         f"{tuple(roi)}"
                     )
         check_finite(image, case, "the preprocessed image")
+
+
+def _resamples_to_float_first(transform: Any, key: str) -> bool:
+    """Whether ``transform`` (a ``Compose``) resamples ``key`` into a floating dtype (MONAI ``Spacingd``,
+    medseg's ``SeparableSpacingd``) before anything else reads its values: only channel-first and
+    orientation steps (which move voxels, whatever their dtype) may come first."""
+    from monai.transforms import Compose, EnsureChannelFirstd, MapTransform, Orientationd, Spacingd
+    from monai.utils.type_conversion import get_equivalent_dtype
+
+    if not isinstance(transform, Compose) or getattr(transform, "lazy", False):
+        return False
+    for t in transform.transforms:
+        if isinstance(t, MapTransform) and key not in t.keys:
+            continue
+        if isinstance(t, (EnsureChannelFirstd, Orientationd)) and not getattr(t, "lazy", False):
+            continue
+        if isinstance(t, Spacingd) and not t.lazy:
+            dtype = t.dtype[list(t.keys).index(key)]
+            return dtype is not None and get_equivalent_dtype(dtype, torch.Tensor).is_floating_point
+        return False
+    return False
 
 
 def _designated_of(loader: Any) -> Any:
