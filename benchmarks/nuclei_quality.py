@@ -96,7 +96,7 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="ID=JSON",
-        help="inference config overrides, e.g. inferer#flip_tta=true min_object_size=20",
+        help="inference config overrides, e.g. tile_inferer#flip_tta=true target_diameter=19.7",
     )
     ap.add_argument("--quiet", action="store_true", help="no per-image lines")
     ap.add_argument("--json", default=None)
@@ -130,8 +130,10 @@ def main() -> None:
         wall = time.perf_counter() - t0
         model, base = [], []
         if not args.quiet:
-            print("| image | size | nuclei | U-Net objects | acc@0.5 | F1@0.5 | mean acc | fg IoU | "
-                  "Otsu objects | acc@0.5 | F1@0.5 | mean acc | fg IoU | s |")
+            print(
+                "| image | size | nuclei | U-Net objects | acc@0.5 | F1@0.5 | mean acc | fg IoU | "
+                "Otsu objects | acc@0.5 | F1@0.5 | mean acc | fg IoU | s |"
+            )
             print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for it in items:
             row = rows[Path(it["image"]).name]
