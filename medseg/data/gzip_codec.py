@@ -59,9 +59,10 @@ class GzipMemberWriter(io.RawIOBase):
         super().__init__()
         self._out, self._level, self._chunk = fileobj, level, int(chunk)
         self._threads = max(1, threads if threads is not None else min(4, os.cpu_count() or 1))
-        self._pool = ThreadPoolExecutor(self._threads) if self._threads > 1 else None
+        self._pool: ThreadPoolExecutor | None = None  # started with the first whole chunk
         self._pending: deque[Future[bytes] | bytes] = deque()
-        self._buf = bytearray()
+        self._parts: list[memoryview] = []  # written, not yet submitted: at most about one chunk
+        self._held = 0
         self._pos = 0
 
     def writable(self) -> bool:
@@ -82,20 +83,25 @@ class GzipMemberWriter(io.RawIOBase):
         view = memoryview(b).cast("B")
         n = len(view)
         self._pos += n
-        if self._buf:  # complete the buffered chunk first
-            take = min(n, self._chunk - len(self._buf))
-            self._buf += view[:take]
-            view = view[take:]
-            if len(self._buf) == self._chunk:
-                self._submit(bytes(self._buf))
-                self._buf = bytearray()
-        while len(view) >= self._chunk:  # whole chunks: one copy each, straight from the caller's data
-            self._submit(bytes(view[: self._chunk]))
+        if not isinstance(b, bytes):  # a buffer the caller may reuse: keep a copy (bytes are kept as is)
+            view = memoryview(bytes(view))
+        while len(view) >= self._chunk and not self._parts:  # whole chunks of a large write: no copy
+            self._submit(view[: self._chunk])
             view = view[self._chunk :]
-        self._buf += view
+        if len(view):
+            self._parts.append(view)
+            self._held += len(view)
+        if self._held >= self._chunk:
+            self._flush_parts()
         return n
 
-    def _submit(self, data: bytes) -> None:
+    def _flush_parts(self) -> None:
+        self._submit(b"".join(self._parts) if len(self._parts) > 1 else self._parts[0])
+        self._parts, self._held = [], 0
+
+    def _submit(self, data: bytes | memoryview) -> None:
+        if self._pool is None and self._threads > 1 and len(data) >= self._chunk:
+            self._pool = ThreadPoolExecutor(self._threads)
         if self._pool is None:
             self._pending.append(gzip_compress(data, self._level))
         else:
@@ -111,9 +117,10 @@ class GzipMemberWriter(io.RawIOBase):
         if self.closed:
             return
         try:
-            if self._buf or self._pos == 0:
-                self._submit(bytes(self._buf))
-                self._buf = bytearray()
+            if self._parts:
+                self._flush_parts()
+            elif self._pos == 0:
+                self._submit(b"")
             while self._pending:
                 self._drain_one()
         finally:
@@ -128,7 +135,7 @@ class GzipMemberWriter(io.RawIOBase):
     def __exit__(self, exc_type: Any, *args: Any) -> None:
         if exc_type is not None:  # drop what is pending: the caller discards the partial file
             self._pending.clear()
-            self._buf = bytearray()
+            self._parts, self._held = [], 0
             self._shutdown()
             super().close()
             return

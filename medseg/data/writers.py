@@ -27,7 +27,7 @@ from monai.utils import MetaKeys
 
 from medseg._version import __version__
 from medseg.data.errors import ReadError
-from medseg.data.gzip_codec import GzipMemberWriter
+from medseg.data.gzip_codec import GzipMemberWriter, gzip_compress
 from medseg.data.transpose import transposed_copy
 from medseg.io import atomic_target
 
@@ -52,6 +52,9 @@ Reference = MetaTensor | Mapping[str, Any] | str | os.PathLike[str] | None
 # --------------------------------------------------------------------------------------------------
 # source grid
 # --------------------------------------------------------------------------------------------------
+_STREAM_BYTES = 1 << 24  # masks of this size or more are written streamed, in gzip members this large
+
+
 def _as_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
@@ -92,6 +95,8 @@ def _integer_labels(arr: np.ndarray, what: str = "mask") -> np.ndarray:
     """Cast a label map to uint8 (labels <= 255) or uint16, refusing non-integer or negative values."""
     if arr.dtype == bool:
         return arr.astype(np.uint8)
+    if arr.dtype == np.uint8:  # already what is written: no pass over the volume
+        return arr
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"{what} has unsupported dtype {arr.dtype}")
     lo, hi = (arr.min(), arr.max()) if arr.size else (0, 0)  # NaN propagates into both
@@ -207,8 +212,11 @@ def write_nifti_mask(
     img.set_sform(img.affine, code=1)  # as MONAI's NibabelWriter: scanner-based sform and qform
     img.set_qform(img.affine, code=1)
     with atomic_target(path, suffix) as tmp:
-        if suffix == ".nii.gz":  # streamed, deflated in parallel members (ISA-L when installed)
-            with open(tmp, "wb") as fh, GzipMemberWriter(fh, level=1) as gz:
+        if suffix == ".nii.gz" and fortran.nbytes < _STREAM_BYTES:  # one-call deflate (ISA-L when installed)
+            with open(tmp, "wb") as fh:
+                fh.write(gzip_compress(img.to_bytes(), level=1))
+        elif suffix == ".nii.gz":  # large: streamed, deflated in members on threads, no serialised copy
+            with open(tmp, "wb") as fh, GzipMemberWriter(fh, level=1, chunk=_STREAM_BYTES) as gz:
                 img.to_stream(gz)
         else:
             nib.save(img, tmp)
