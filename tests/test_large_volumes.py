@@ -280,3 +280,27 @@ def test_ct_bundle_reads_integer_volumes_as_stored(tmp_path: Path):
     assert ours.dtype == ref.dtype == torch.float32 and ours.shape == ref.shape
     torch.testing.assert_close(ours.as_tensor(), ref.as_tensor(), rtol=0, atol=1e-4)
     assert not _resamples_to_float_first(Compose(list(loader._rest.transforms)[::-1]), "image")
+
+
+def test_ct_bundle_reads_dicom_series_as_stored():
+    """The same for a DICOM series (integral rescale: the reader gives int16)."""
+    from medseg.predict.discovery import discover_cases
+    from medseg.predict.sources import CaseLoader
+    from monai.bundle import ConfigParser
+
+    series = REPO / "sample_data" / "ct_3d" / "dicom"
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "unet_ct_3d" / "configs" / "inference.json"))
+    pre = parser.get_parsed_content("preprocessing")
+    loader = CaseLoader(pre)
+    case = discover_cases(str(series))[0]
+    assert case.is_dicom
+    raw = loader.read(case)
+    assert raw.dtype in (torch.int16, torch.int32)
+    ours = loader.load(case, "x").data["image"]
+    ref = pre.transforms[1:]  # the bundle's steps after loading, on the float32 volume
+    expected = Compose(list(ref))({"image": MetaTensor(raw.as_tensor().float(), meta=dict(raw.meta))})[
+        "image"
+    ]
+    assert ours.dtype == torch.float32 and ours.shape == expected.shape
+    torch.testing.assert_close(ours.as_tensor(), expected.as_tensor(), rtol=0, atol=1e-4)

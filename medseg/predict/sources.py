@@ -95,13 +95,13 @@ class CaseLoader:
                     overrides=getattr(preprocessing, "overrides", None),
                 )
         self._nifti_reader = _fast_nifti_reader(self._loader) if self._loader is not None else None
-        # a .nii.gz volume whose first numeric step is a resampling to float (after channel/orientation
-        # steps, which keep values) is read as stored: int16 voxels in file order, converted slab by slab
-        # by the resampler, never as a whole-volume float32 copy
-        self._native_loader: Any = None
-        if self._nifti_reader is not None and _resamples_to_float_first(self._rest, image_key):
-            self._native_loader = copy.copy(self._loader)
-            self._native_loader.dtype = None
+        # when the first step that reads values is a resampling to float (after channel/orientation steps,
+        # which only move voxels), NIfTI and DICOM volumes are loaded in their own dtype (int16 CT: half of
+        # float32) and converted slab by slab by the resampler: no whole-volume float32 copy
+        self._volume_loader: Any = self._loader  # NIfTI and DICOM volumes
+        if self._loader is not None and _resamples_to_float_first(self._rest, image_key):
+            self._volume_loader = copy.copy(self._loader)
+            self._volume_loader.dtype = None
 
     # ------------------------------------------------------------------------------------ loading
     def read(self, case: Case) -> Any:
@@ -117,11 +117,10 @@ class CaseLoader:
             else:
                 scanned = {"files": case.files if case.series_uid else None}
             reader = DicomReader(series_uid=case.series_uid, recursive=False, **scanned)
-            return self._loader(case.path, reader=reader)  # StrictLoadImage: preflight included
+            return self._volume_loader(case.path, reader=reader)  # StrictLoadImage: preflight included
         if self._nifti_reader is not None and case.path.lower().endswith(".nii.gz"):
             if not any(r.verify_suffix(case.path) for r in self._loader.designated):
-                loader = self._native_loader if self._native_loader is not None else self._loader
-                return loader(case.path, reader=self._nifti_reader)
+                return self._volume_loader(case.path, reader=self._nifti_reader)
         return self._loader(case.path)
 
     def load(self, case: Case, fingerprint: str) -> Loaded:
