@@ -284,9 +284,10 @@ def test_ct_bundle_reads_integer_volumes_as_stored(tmp_path: Path):
 
 def test_ct_bundle_reads_dicom_series_as_stored():
     """The same for a DICOM series (integral rescale: the reader gives int16)."""
+    from monai.bundle import ConfigParser
+
     from medseg.predict.discovery import discover_cases
     from medseg.predict.sources import CaseLoader
-    from monai.bundle import ConfigParser
 
     series = REPO / "sample_data" / "ct_3d" / "dicom"
     parser = ConfigParser()
