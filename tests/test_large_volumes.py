@@ -305,3 +305,21 @@ def test_ct_bundle_reads_dicom_series_as_stored():
     ]
     assert ours.dtype == torch.float32 and ours.shape == expected.shape
     torch.testing.assert_close(ours.as_tensor(), expected.as_tensor(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_labels_and_integer_slabs_match_cpu():
+    scores = _smooth_scores((13, 11, 9), 3)
+    args = ([0.23, 0.31, 0.27], [-0.3, 0.1, -0.2], [60, 40, 36])
+    for rule in (LabelRule(argmax=True, dtype=torch.uint8), LabelRule(threshold=0.1, dtype=torch.uint8)):
+        s = scores if rule.argmax else scores[:1]
+        cpu = separable_resample_to_labels(s, *args, rule)
+        gpu = separable_resample_to_labels(s.cuda(), *args, rule)
+        assert gpu.device.type == "cuda" and int((gpu.cpu() != cpu).sum()) <= 2
+    vol = (torch.randn(1, 37, 29, 23, generator=torch.Generator().manual_seed(0)) * 400).to(torch.int16)
+    cpu = separable_linear_resample(vol, [0.5, 1.3, 0.6], [0.0, 0.0, 0.0], [70, 21, 35], dtype=torch.float32)
+    gpu = separable_linear_resample(
+        vol.cuda(), [0.5, 1.3, 0.6], [0.0, 0.0, 0.0], [70, 21, 35], dtype=torch.float32
+    )
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-2)
