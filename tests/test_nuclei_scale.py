@@ -108,6 +108,18 @@ def test_rescaled_pass_returns_the_input_size_and_dtype() -> None:
     torch.testing.assert_close(out_meta.as_tensor(), out)
 
 
+def test_mean_combines_the_two_scales() -> None:
+    x = _image(radius=4.0, spacing=14)
+    plain = OverlapTileInferer(roi_size=64, precision="fp32")(x, _Threshold())
+    replaced = ScaleNormalisingInferer(OverlapTileInferer(roi_size=64, precision="fp32"), 24.0, min_size=10)
+    mean = ScaleNormalisingInferer(
+        OverlapTileInferer(roi_size=64, precision="fp32"), 24.0, min_size=10, combine="mean"
+    )
+    torch.testing.assert_close(mean(x, _Threshold()), (plain + replaced(x, _Threshold())) / 2)
+    with pytest.raises(ValueError):
+        ScaleNormalisingInferer(OverlapTileInferer(roi_size=64), 24.0, combine="max")
+
+
 def test_no_second_pass_near_the_target_or_without_one() -> None:
     x = _image(radius=8.0, spacing=26)  # diameter 16 px
     one_pass = _Threshold()

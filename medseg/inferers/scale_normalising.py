@@ -5,7 +5,8 @@ are below its resolution) nor much larger ones (beyond its receptive field). :cl
 wraps another inferer: a first pass at the native scale gives instances, their median diameter is
 estimated, and when it is far from the diameter the network was trained on the image is resized by
 ``target / estimate`` (bilinear), the network runs again, and its output is resized back to the input's
-size (bilinear), so that post-processing and writers see an output of the usual size.
+size (bilinear), so that post-processing and writers see an output of the usual size. That output replaces
+the first pass's or is averaged with it (a two-scale ensemble).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class ScaleNormalisingInferer(Inferer):
         min_scale, max_scale: bounds of the scale factor ``target / estimate``.
         upscale_only: rescale only images whose objects are smaller than the target.
         flip_tta: test-time flips in the rescaled pass (``None``: as ``inferer``).
+        combine: ``"replace"``: the rescaled pass's output (resized back) replaces the first pass's;
+            ``"mean"``: the two are averaged (a two-scale ensemble).
         foreground_channel: the output channel of the objects (one channel: logit > 0 is foreground).
 
     The output has the size, dtype and batch of the first pass; every batch item gets its own scale.
@@ -77,6 +80,7 @@ class ScaleNormalisingInferer(Inferer):
         max_scale: float = 4.0,
         upscale_only: bool = False,
         flip_tta: bool | None = None,
+        combine: str = "replace",
         foreground_channel: int = 1,
     ) -> None:
         super().__init__()
@@ -84,6 +88,8 @@ class ScaleNormalisingInferer(Inferer):
             raise ValueError(f"target_diameter must be > 0, got {target_diameter}")
         if not 0 < min_scale <= 1 <= max_scale:
             raise ValueError(f"need 0 < min_scale <= 1 <= max_scale, got {min_scale}, {max_scale}")
+        if combine not in ("replace", "mean"):
+            raise ValueError(f"combine must be 'replace' or 'mean', got {combine!r}")
         if tolerance < 0:
             raise ValueError(f"tolerance must be >= 0, got {tolerance}")
         self.inferer = inferer
@@ -94,6 +100,7 @@ class ScaleNormalisingInferer(Inferer):
         self.min_scale, self.max_scale = float(min_scale), float(max_scale)
         self.upscale_only = bool(upscale_only)
         self.flip_tta = flip_tta
+        self.combine = combine
         self.foreground_channel = int(foreground_channel)
         self.last_scales: list[float] = []
 
@@ -134,7 +141,9 @@ class ScaleNormalisingInferer(Inferer):
         labels = label_instances(fg.cpu().numpy(), min_size=self.min_size, split_h=self.split_h)
         return median_diameter(labels, self.min_size)
 
-    def _rescaled_pass(self, x: torch.Tensor, scale: float, network: Callable, *args: Any, **kwargs: Any):
+    def _rescaled_pass(
+        self, x: torch.Tensor, scale: float, network: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         spatial = tuple(int(n) for n in x.shape[2:])
         size = tuple(max(1, round(n * scale)) for n in spatial)
         mode = "bilinear" if len(spatial) == 2 else "trilinear"
@@ -166,7 +175,8 @@ class ScaleNormalisingInferer(Inferer):
             y = self._rescaled_pass(raw_in[b : b + 1], scale, network, *args, **kwargs)
             if out is None:
                 out = raw_out.clone()
-            out[b] = y[0].to(device=out.device, dtype=out.dtype)
+            y = y[0].to(device=out.device, dtype=out.dtype)
+            out[b] = y if self.combine == "replace" else (out[b] + y) / 2
         if out is None:
             return first
         if isinstance(first, MetaTensor):
