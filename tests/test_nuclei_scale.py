@@ -88,6 +88,8 @@ def test_scale_for_tolerance_bounds_and_upscale_only() -> None:
         ScaleNormalisingInferer(inner, target_diameter=0.0)
     with pytest.raises(ValueError):
         ScaleNormalisingInferer(inner, target_diameter=20.0, min_scale=2.0)
+    with pytest.raises(ValueError):
+        ScaleNormalisingInferer(OverlapTileInferer(roi_size=64, output="labels"), target_diameter=20.0)
 
 
 # ------------------------------------------------------------------------------------ the passes

@@ -50,7 +50,8 @@ class ScaleNormalisingInferer(Inferer):
     """Runs ``inferer`` again on the image resized so that its objects have ``target_diameter`` pixels.
 
     Args:
-        inferer: the inferer of one pass (e.g. :class:`~medseg.inferers.OverlapTileInferer`); its
+        inferer: the inferer of one pass (e.g. :class:`~medseg.inferers.OverlapTileInferer`), returning
+            class scores (logits or probabilities, not ``output="labels"``: they are interpolated); its
             ``precision`` and ``roi_size`` are exposed as this inferer's.
         target_diameter: the median object diameter (px) the network does best on, e.g. the median over
             its training labels (``benchmarks/nuclei_diameter.py``). ``None``: one pass, no rescaling.
@@ -88,6 +89,8 @@ class ScaleNormalisingInferer(Inferer):
             raise ValueError(f"target_diameter must be > 0, got {target_diameter}")
         if not 0 < min_scale <= 1 <= max_scale:
             raise ValueError(f"need 0 < min_scale <= 1 <= max_scale, got {min_scale}, {max_scale}")
+        if getattr(inferer, "output", "logits") == "labels":
+            raise ValueError("the inner inferer must return class scores (output='logits'), not labels")
         if combine not in ("replace", "mean"):
             raise ValueError(f"combine must be 'replace' or 'mean', got {combine!r}")
         if tolerance < 0:
