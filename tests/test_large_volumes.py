@@ -323,3 +323,26 @@ def test_cuda_labels_and_integer_slabs_match_cpu():
         vol.cuda(), [0.5, 1.3, 0.6], [0.0, 0.0, 0.0], [70, 21, 35], dtype=torch.float32
     )
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-2)
+
+
+def test_labels_same_on_one_or_several_threads():
+    scores = _smooth_scores((21, 17, 40), 1)
+    args = ([0.2, 0.25, 0.3], [0.0, 0.0, 0.0], [100, 64, 130], LabelRule(threshold=0.05, dtype=torch.uint8))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = separable_resample_to_labels(scores, *args)
+        torch.set_num_threads(3)  # blocks of planes on a pool of three
+        several = separable_resample_to_labels(scores, *args)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, several) and 0 < int(one.sum()) < one.numel()
+
+
+def test_post_processing_thread_count_is_restored():
+    from medseg.predict.engine import _with_threads
+
+    before = torch.get_num_threads()
+    assert _with_threads(1, torch.get_num_threads) == 1
+    assert torch.get_num_threads() == before
+    assert _with_threads(None, torch.get_num_threads) == before

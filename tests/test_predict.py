@@ -306,6 +306,11 @@ def _run_cli(argv: list[str]) -> None:
     main(argv)
 
 
+def _is_marker(path: Path) -> bool:
+    """A finished case's marker (not the temporary file a marker is written to first)."""
+    return path.suffix == ".json" and not path.name.startswith(".")
+
+
 def test_sigkill_then_resume(bundle: Path, tmp_path: Path) -> None:
     src = tmp_path / "in"
     src.mkdir()
@@ -332,13 +337,13 @@ def test_sigkill_then_resume(bundle: Path, tmp_path: Path) -> None:
     marker_dir = out / ".medseg"
     deadline = time.time() + 120
     while time.time() < deadline and proc.is_alive():
-        if marker_dir.is_dir() and any(q.suffix == ".json" for q in marker_dir.iterdir()):
+        if marker_dir.is_dir() and any(_is_marker(q) for q in marker_dir.iterdir()):
             break
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.join()
     assert proc.exitcode == -signal.SIGKILL
-    done_first = {q.stem for q in marker_dir.iterdir() if q.suffix == ".json"}
+    done_first = {q.stem for q in marker_dir.iterdir() if _is_marker(q)}
     assert done_first and not (out / "report.json").exists(), "killed too late: nothing left to resume"
     before = {q.name: q.stat().st_mtime_ns for q in out.glob("*_seg.nii.gz")}
     from medseg.cli import main

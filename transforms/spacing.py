@@ -15,6 +15,7 @@ path unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from typing import Any
 
@@ -199,10 +200,14 @@ def separable_resample_to_labels(
     lo, hi, w_lo, w_hi = _axis_taps(n_in[-1], n_out[-1], float(scale[-1]), float(shift[-1]), padding_mode)
     plane = channels * int(np.prod(n_out[:-1]))
     ratio = max(1.0, n_out[-1] / max(1, n_in[-1]))  # output planes per input plane
-    # output planes per block: their input planes (resampled in-plane at once) hold ~4 slabs' worth
+    workers = torch.get_num_threads() if img.device.type == "cpu" else 1
+    # output planes per block: their input planes (resampled in-plane at once) hold ~4 slabs' worth, and
+    # on the CPU there are a few blocks per thread, run in parallel (each single-threaded)
     step = max(1, int(4 * _SLAB_ELEMENTS * ratio) // max(1, plane))
-    scores = torch.empty((channels, *n_out[:-1][::-1]), dtype=dtype, device=img.device)
-    for o0 in range(0, n_out[-1], step):
+    if workers > 1:
+        step = max(1, min(step, -(-n_out[-1] // (4 * workers))))
+
+    def block(o0: int) -> None:
         o1 = min(o0 + step, n_out[-1])
         i0, i1 = int(lo[o0:o1].min()), int(hi[o0:o1].max()) + 1  # the input planes these outputs use
         planes = separable_linear_resample(
@@ -213,6 +218,7 @@ def separable_resample_to_labels(
             padding_mode,
             dtype,
         )
+        scores = torch.empty((channels, *n_out[:-1][::-1]), dtype=dtype, device=img.device)
         for o in range(o0, o1):
             a, b, wa, wb = planes[:, lo[o] - i0], planes[:, hi[o] - i0], float(w_lo[o]), float(w_hi[o])
             if wa + wb == 1.0:
@@ -220,6 +226,14 @@ def separable_resample_to_labels(
             else:  # a tap outside the image with zeros padding
                 torch.mul(a, wa, out=scores).add_(b, alpha=wb)
             rule.write(scores, out_rev[:, o])
+
+    starts = range(0, n_out[-1], step)
+    if workers > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            list(pool.map(block, starts))  # torch and NumPy release the GIL in these kernels
+    else:
+        for o0 in starts:
+            block(o0)
     return out_rev.permute(rev)
 
 

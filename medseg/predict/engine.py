@@ -392,7 +392,11 @@ class BatchPredictor:
                 else:
                     while len(writes) > self.writers:
                         writes.popleft().result()
-                    fut_w = writers.submit(self._finish_case, prep, pred, prep.load_s, infer_s)
+                    # nothing left to infer: this case's post-processing may use every core
+                    cores = threads if init is not None and not loads else None
+                    fut_w = writers.submit(
+                        _with_threads, cores, self._finish_case, prep, pred, prep.load_s, infer_s
+                    )
                     fut_w.add_done_callback(lambda f: record(f.result()) if f.exception() is None else None)
                     writes.append(fut_w)
             for f in writes:
@@ -451,6 +455,18 @@ def _with_precision(inferer: Any, precision: Precision) -> Any:
         out.precision = precision
         return out
     return MixedPrecisionInferer(precision, inferer)
+
+
+def _with_threads(n: int | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with this thread's torch ops on ``n`` threads (``None``: as they are)."""
+    if n is None:
+        return fn(*args)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _background_thread() -> None:
