@@ -5,10 +5,11 @@ inverse ``Spacing`` enlarges them to every source voxel, in float32, per channel
 takes the argmax (``AsDiscreted``). For a whole-body CT that is a float32 array per channel the size of
 the scan, and a full pass over it per step. :class:`InvertToLabelsd` runs the same inverse while asking
 the resampler for labels instead: :class:`~medseg.transforms.SeparableResample` then interpolates and
-discretises slab by slab (at most a few MB of scores at a time) when the voxel map is axis-aligned and
-only exact index maps (flips, axis permutations, crops, pads) remain to be inverted after it, which
-commute with a per-voxel threshold or argmax. Otherwise ``Invertd`` and ``AsDiscreted`` run as given.
-The labels are the same either way.
+discretises a block of planes at a time (tens of MB of scores, not the scan's size) when the voxel map
+is axis-aligned and only exact index maps (flips, axis permutations, crops, pads) remain to be inverted
+after it, which commute with a per-voxel threshold or argmax. Otherwise ``Invertd`` and ``AsDiscreted``
+run as given. The labels are the same either way, up to float rounding of scores that lie at the
+threshold (or of tied channels).
 """
 
 from __future__ import annotations
