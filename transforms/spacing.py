@@ -52,7 +52,7 @@ _BAND_ROWS, _BAND_MIN_POST = 32, 256  # dense matrix in blocks of rows when the 
 # middle axis, ``pre`` in the hundreds, runs 5-8x faster with the gathers)
 _BAND_MAX_PRE = 8
 _GATHER_BLOCK = 1 << 24  # elements per block of the two-gather pass
-_SLAB_ELEMENTS = 1 << 22  # input elements per slab converted at a time (an input of another dtype)
+_SLAB_ELEMENTS = 1 << 22  # elements per slab: of an input converted slab by slab, of labels' score planes
 # rough CPU costs (ns) behind the choice between this path and grid_sample: per multiply-add of a dense
 # pass, per output element of a gather pass, per output voxel and channel of grid_sample
 _NS_MAC, _NS_GATHER, _NS_GRID = 0.01, 6.0, 20.0

@@ -39,7 +39,7 @@ def _load_gz(path: str) -> nib.Nifti1Image:
     """Inflate ``path`` streamed and build the image around its voxel array: a 3-D volume is inflated a
     slab of slices at a time, each slab scaled (as nibabel's ``apply_read_scaling``, into float32 where
     nibabel would use float64) and copied transposed into the C-ordered array; no copy of the file's bytes
-    or of the volume as stored is ever held. Other ranks are inflated whole and converted after."""
+    or of the volume as stored is ever held. Other ranks are inflated whole into their array, as stored."""
     try:
         with gzip_open(path) as fh:
             head = fh.read(_HEAD_MIN)
@@ -78,8 +78,11 @@ def _load_gz(path: str) -> nib.Nifti1Image:
                 buf = np.empty(count * dtype.itemsize, dtype=np.uint8)
                 if stream.readinto(memoryview(buf)) < len(buf):
                     raise ReadError(path, truncated)
-                arr = _c_ordered_scaled(buf.view(dtype).reshape(shape, order="F"), slope, inter)
-                del buf
+                arr = buf.view(dtype).reshape(shape, order="F")  # as stored, owned by buf: no copy
+                if scaled:
+                    arr = np.asarray(
+                        apply_read_scaling(arr, slope, inter), dtype=_scaled_dtype(dtype, slope, inter)
+                    )
     except ReadError:
         raise
     except (EOFError, OSError, ValueError, RuntimeError) as e:
@@ -122,10 +125,7 @@ def _read_c_ordered(
     time (scaled by ``slope``/``inter`` when ``slope`` is given)."""
     nx, ny, nz = shape
     plane = nx * ny * dtype.itemsize
-    out_dtype = dtype
-    if slope is not None:
-        probe = apply_read_scaling(np.zeros(1, dtype=dtype), slope, inter)
-        out_dtype = np.dtype(np.float32) if probe.dtype == np.float64 else probe.dtype
+    out_dtype = dtype if slope is None else _scaled_dtype(dtype, slope, inter)
     out = np.empty(shape, dtype=out_dtype)
     k = max(1, _READ_CHUNK // max(1, plane))
     buf = np.empty(k * plane, dtype=np.uint8)
@@ -140,22 +140,11 @@ def _read_c_ordered(
     return out
 
 
-def _c_ordered_scaled(raw: np.ndarray, slope: float | None, inter: float | None) -> np.ndarray:
-    """``raw`` (Fortran-ordered, as stored) as a C-ordered 3-D array (other ranks: as stored), with the
-    header's scaling applied as nibabel applies it (``apply_read_scaling``), slab by slab, into float32
-    when nibabel's precision is float64 (the values MONAI's float32 ``LoadImage`` gives either way)."""
-    scaled = slope is not None and (slope != 1.0 or (inter or 0.0) != 0.0)
-    if not scaled:
-        return transposed_copy(raw.T) if raw.ndim == 3 else np.array(raw)
-    probe = apply_read_scaling(raw[(slice(0, 1),) * raw.ndim], slope, inter)
-    out_dtype = np.float32 if probe.dtype == np.float64 else probe.dtype
-    if raw.ndim != 3:
-        return np.asarray(apply_read_scaling(raw, slope, inter), dtype=out_dtype)
-    out = np.empty(raw.shape, dtype=out_dtype)  # C order
-    step = max(1, (1 << 22) // max(1, raw.shape[1] * raw.shape[2]))
-    for x0 in range(0, raw.shape[0], step):
-        out[x0 : x0 + step] = apply_read_scaling(raw[x0 : x0 + step], slope, inter)
-    return out
+def _scaled_dtype(dtype: np.dtype, slope: float, inter: float | None) -> np.dtype:
+    """The dtype of nibabel's ``apply_read_scaling`` of ``dtype`` data, float32 where it would be float64
+    (the values MONAI's float32 ``LoadImage`` gives either way)."""
+    probe = apply_read_scaling(np.zeros(1, dtype=dtype), slope, inter)
+    return np.dtype(np.float32) if probe.dtype == np.float64 else probe.dtype
 
 
 class NiftiReader(NibabelReader):
