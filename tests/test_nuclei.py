@@ -12,10 +12,14 @@ import numpy as np
 import pytest
 import torch
 from medseg.transforms import (
+    CONTOUR,
+    INTERIOR,
+    ContourClassesd,
     DarkBackground,
     DarkBackgroundd,
     LabelInstances,
     LabelInstancesd,
+    contour_classes,
     label_instances,
     separate_instances,
 )
@@ -135,6 +139,72 @@ def test_label_instances_dict_transform_keeps_metadata() -> None:
     assert LabelInstances(min_size=2)(onehot).max() == 2
     with pytest.raises(ValueError, match="one mask key"):
         LabelInstancesd(["a", "b"])
+
+
+def test_contour_classes_of_touching_squares() -> None:
+    """Interior, a contour of ``width`` px inside each instance (also where two touch), background."""
+    lab = np.zeros((12, 20), np.int64)
+    lab[2:10, 2:10] = 1
+    lab[2:10, 10:18] = 2  # touches instance 1 along x = 9 | 10
+    c = contour_classes(lab)
+    assert c.dtype == np.uint8 and set(np.unique(c)) == {0, 1, 2}
+    assert (c[lab == 0] == 0).all()
+    assert (c[3:9, 3:9] == 1).all() and (c[3:9, 11:17] == 1).all()  # 6x6 interiors
+    assert (c[2, 2:18] == 2).all() and (c[2:10, 9] == 2).all() and (c[2:10, 10] == 2).all()
+    c2 = contour_classes(lab, width=2)
+    assert (c2[4:8, 4:8] == 1).all() and (c2[3, 3:17] == 2).all() and int((c2 == 1).sum()) == 2 * 16
+    edge = np.ones((6, 6), np.int64)  # the image edge is not a contour
+    assert (contour_classes(edge) == 1).all()
+    with pytest.raises(ValueError, match=">= 0"):
+        contour_classes(-lab)
+    with pytest.raises(ValueError, match="width"):
+        contour_classes(lab, width=0)
+
+
+def test_contour_classes_round_trip_on_sample_nuclei() -> None:
+    """The three-class target of the sample labels, grown back from its interiors: one instance per true
+    nucleus, touching ones included, on the full extent of the nuclei."""
+    from monai.data import MetaTensor
+
+    for lab in _sample_labels():
+        sep = MetaTensor(torch.from_numpy(separate_instances(lab))[None])
+        c = ContourClassesd("label")({"label": sep})["label"]
+        assert isinstance(c, MetaTensor) and c.dtype == torch.float32 and c.shape == (1, *lab.shape)
+        c = c[0].numpy().astype(np.uint8)
+        inst = label_instances(c > 0, min_size=1, interior=c == INTERIOR)
+        s = object_scores(inst, lab, [0.5, 0.8])
+        n_true = len(np.unique(lab)) - 1
+        assert s[0].tp == n_true and s[0].fp == 0 and s[0].fn == 0 and s[1].accuracy > 0.95
+        assert foreground_iou(inst, lab) > 0.995
+
+
+def test_interiors_grow_into_instances_and_small_interiors_are_not_markers() -> None:
+    """Two discs merged without any gap but with two interiors come out as two instances split at the
+    neck; a foreground blob without interior stays one instance; an interior speck under
+    ``min_interior_size`` splits nothing; a three-class one-hot input works the same."""
+    yy, xx = np.mgrid[:60, :100]
+    a = (yy - 30) ** 2 + (xx - 25) ** 2 <= 12**2
+    b = (yy - 30) ** 2 + (xx - 47) ** 2 <= 12**2
+    lone = (yy - 10) ** 2 + (xx - 85) ** 2 <= 6**2
+    fg = a | b | lone
+    interior = ((yy - 30) ** 2 + (xx - 25) ** 2 <= 8**2) | ((yy - 30) ** 2 + (xx - 47) ** 2 <= 8**2)
+    inst = label_instances(fg, min_size=5, interior=interior)
+    assert inst.max() == 3 and (inst[fg] > 0).all()
+    assert ((label_instances(fg, min_size=5, interior=interior, fill_gaps=False) > 0) == fg).all()
+    left, right = inst[30, 20], inst[30, 52]
+    assert left and right and left != right and len(np.unique(inst[lone])) == 1 and inst[10, 85] > 0
+    assert set(np.unique(inst[a & (xx < 34)])) == {left} and set(np.unique(inst[b & (xx > 38)])) == {right}
+    speck = interior.copy()
+    speck[10, 85] = speck[10, 87] = True  # two 1-px interiors in the lone disc
+    assert label_instances(fg, min_size=5, interior=speck, min_interior_size=1).max() == 4
+    assert label_instances(fg, min_size=5, interior=speck, min_interior_size=3).max() == 3
+    classes = np.where(interior, INTERIOR, np.where(fg, CONTOUR, 0))
+    onehot = np.stack([classes == k for k in range(3)]).astype(np.float32)
+    out = LabelInstancesd("pred", min_size=5, interior_label=INTERIOR)({"pred": torch.from_numpy(onehot)})
+    assert np.array_equal(out["instances"][0].numpy(), inst)
+    label_map = classes[None].astype(np.float32)
+    assert np.array_equal(LabelInstances(min_size=5, interior_label=1)(label_map)[0], inst)
+    assert LabelInstances(min_size=5)(label_map).max() == 2  # without: components
 
 
 # --------------------------------------------------------------------------------------------- metrics

@@ -9,6 +9,10 @@ Where the network leaves no gap (dim or crowded nuclei), components that are two
 neck can also be split by the classic distance-transform watershed (Beucher and Meyer 1993): one marker per
 h-maximum of the smoothed distance to the background, flooded within the foreground (scikit-image's
 ``watershed`` and ``h_maxima``).
+
+A network trained on three classes (background, interior, contour: :class:`medseg.transforms.ContourClasses`)
+gives the markers itself: each component of its interior is one instance, grown back over the contour
+pixels around it by the same watershed (``interior``).
 """
 
 from __future__ import annotations
@@ -56,6 +60,27 @@ def _split_at_necks(fg: np.ndarray, h: float, sigma: float, structure: np.ndarra
     return labels, n + m
 
 
+def _grow_interiors(
+    fg: np.ndarray, inner: np.ndarray, min_size: int, structure: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """Watershed of the distance to the background from the interior components, within ``fg``."""
+    markers, n = ndimage.label(inner, structure=structure)
+    if n and min_size > 1:
+        sizes = np.bincount(markers.ravel())
+        keep = sizes >= min_size
+        keep[0] = False
+        new_ids = np.zeros(n + 1, dtype=np.int64)
+        new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
+        markers, n = new_ids[markers], int(keep.sum())
+    if not n:
+        return ndimage.label(fg, structure=structure)
+    dist = ndimage.distance_transform_edt(fg)
+    labels = watershed(-dist, markers, mask=fg, connectivity=structure)
+    rest, m = ndimage.label(fg & (labels == 0), structure=structure)
+    labels = np.where(rest > 0, rest + n, labels)
+    return labels, n + m
+
+
 def label_instances(
     foreground: np.ndarray,
     min_size: int = 10,
@@ -64,6 +89,8 @@ def label_instances(
     fill_holes: bool = True,
     split_h: float | None = None,
     split_sigma: float = 1.0,
+    interior: np.ndarray | None = None,
+    min_interior_size: int = 1,
 ) -> np.ndarray:
     """Instance labels (0 = background, 1..N consecutive) of a binary foreground (no channel axis).
 
@@ -79,15 +106,25 @@ def label_instances(
             with ``split_sigma`` px) from its maxima of height >= ``split_h`` px. ``None``: no split (only
             the network's gaps separate instances). A component without such a maximum stays whole.
         split_sigma: smoothing of the distance map before finding its maxima (0: none).
+        interior: boolean array of the instances' interiors (a three-class network's interior class),
+            part of the foreground: its components of at least ``min_interior_size`` px are the markers of
+            the watershed of the distance to the background within the foreground (replaces ``split_h``);
+            foreground components without such a marker stay whole.
+        min_interior_size: smaller interior components are not markers (their pixels join a neighbour).
 
     Returns:
         uint16 labels (uint32 beyond 65535 instances).
     """
     fg = np.asarray(foreground) > 0
+    inner = None if interior is None else np.asarray(interior) > 0
+    if inner is not None:
+        fg = fg | inner
     if fill_holes:
         fg = ndimage.binary_fill_holes(fg)
     structure = ndimage.generate_binary_structure(fg.ndim, connectivity)
-    if split_h is not None and fg.any():
+    if inner is not None:
+        labels, n = _grow_interiors(fg, inner, int(min_interior_size), structure)
+    elif split_h is not None and fg.any():
         labels, n = _split_at_necks(fg, float(split_h), float(split_sigma), structure)
     else:
         labels, n = ndimage.label(fg, structure=structure)
@@ -110,9 +147,12 @@ def label_instances(
 
 
 class LabelInstances(Transform):
-    """Channel-first mask ``(1, *spatial)`` (or 2-channel one-hot) -> instance labels ``(1, *spatial)``.
+    """Channel-first mask ``(1, *spatial)`` (or one-hot) -> instance labels ``(1, *spatial)``.
 
-    See :func:`label_instances`. Metadata of a ``MetaTensor`` input is kept.
+    See :func:`label_instances`. A one-hot input (C > 1 channels) is read as its argmax. Foreground is
+    every class above 0; with ``interior_label`` set (a three-class network: 1 for
+    :class:`medseg.transforms.ContourClasses`), the pixels of that class are the interiors grown into
+    instances. Metadata of a ``MetaTensor`` input is kept.
     """
 
     def __init__(
@@ -123,6 +163,8 @@ class LabelInstances(Transform):
         fill_holes: bool = True,
         split_h: float | None = None,
         split_sigma: float = 1.0,
+        interior_label: int | None = None,
+        min_interior_size: int = 1,
     ) -> None:
         self.min_size = int(min_size)
         self.connectivity = int(connectivity)
@@ -130,15 +172,27 @@ class LabelInstances(Transform):
         self.fill_holes = bool(fill_holes)
         self.split_h = None if split_h is None else float(split_h)
         self.split_sigma = float(split_sigma)
+        self.interior_label = None if interior_label is None else int(interior_label)
+        self.min_interior_size = int(min_interior_size)
 
     def __call__(self, mask: NdarrayOrTensor) -> NdarrayOrTensor:
         raw = mask.as_tensor() if isinstance(mask, MetaTensor) else mask
         arr = raw.detach().cpu().numpy() if isinstance(raw, torch.Tensor) else np.asarray(raw)
         if arr.ndim < 2:
             raise ValueError(f"expected a channel-first mask, got shape {arr.shape}")
-        fg = arr[1] > 0.5 if arr.shape[0] == 2 else arr[0] > 0.5  # one-hot (bg, fg) or a label map
-        args = (self.min_size, self.connectivity, self.fill_gaps, self.fill_holes)
-        out = label_instances(fg, *args, split_h=self.split_h, split_sigma=self.split_sigma)[None]
+        classes = np.argmax(arr, axis=0) if arr.shape[0] > 1 else np.rint(arr[0])  # one-hot or a label map
+        interior = None if self.interior_label is None else classes == self.interior_label
+        out = label_instances(
+            classes > 0,
+            self.min_size,
+            self.connectivity,
+            self.fill_gaps,
+            self.fill_holes,
+            self.split_h,
+            self.split_sigma,
+            interior=interior,
+            min_interior_size=self.min_interior_size,
+        )[None]
         if isinstance(mask, MetaTensor):
             return MetaTensor(torch.from_numpy(out.astype(np.int32)), meta=dict(mask.meta))
         if isinstance(mask, torch.Tensor):
@@ -163,13 +217,18 @@ class LabelInstancesd(MapTransform):
         fill_holes: bool = True,
         split_h: float | None = None,
         split_sigma: float = 1.0,
+        interior_label: int | None = None,
+        min_interior_size: int = 1,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError("LabelInstancesd takes one mask key")
         self.instance_key = instance_key
-        self.transform = LabelInstances(min_size, connectivity, fill_gaps, fill_holes, split_h, split_sigma)
+        self.transform = LabelInstances(
+            min_size, connectivity, fill_gaps, fill_holes, split_h, split_sigma,
+            interior_label, min_interior_size
+        )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
