@@ -9,6 +9,8 @@ brain-tumour recipe).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
@@ -35,12 +37,22 @@ class WeightedCrossEntropyLoss(_Loss):
     pixel terms (the paper's sum over pixels, divided by their number; with weight 1 this is
     ``F.cross_entropy``), ``"sum"`` = their sum, ``"none"`` = the ``(B, *spatial)`` map of terms.
     With ``normalize=True``, ``"mean"`` divides by the sum of the weights instead (a weighted average,
-    so weight 0 excludes a pixel, like an ignore label).
+    so weight 0 excludes a pixel, like an ignore label). ``class_weights`` (one per class) multiply the
+    term of each pixel by its target class's weight, as ``weight`` of ``F.cross_entropy`` (e.g. to
+    emphasise a thin contour class); the normalising sum does not include them.
     """
 
-    def __init__(self, reduction: LossReduction | str = LossReduction.MEAN, normalize: bool = False) -> None:
+    def __init__(
+        self,
+        reduction: LossReduction | str = LossReduction.MEAN,
+        normalize: bool = False,
+        class_weights: Sequence[float] | None = None,
+    ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         self.normalize = normalize
+        self.class_weights = (
+            None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        )
 
     def forward(
         self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
@@ -51,9 +63,14 @@ class WeightedCrossEntropyLoss(_Loss):
         if n_classes < 2:
             raise ValueError("softmax cross-entropy needs C >= 2 channels (use DiceBCELoss for one channel)")
         batch, spatial = logits.shape[0], logits.shape[2:]
+        cw = None
+        if self.class_weights is not None:
+            if self.class_weights.numel() != n_classes:
+                raise ValueError(f"{self.class_weights.numel()} class_weights for {n_classes} classes")
+            cw = self.class_weights.to(logits.device)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             if target.shape == logits.shape and target.is_floating_point():
-                nll = F.cross_entropy(logits.float(), target.float(), reduction="none")
+                nll = F.cross_entropy(logits.float(), target.float(), weight=cw, reduction="none")
             else:
                 if target.dim() == logits.dim():
                     if target.shape[1] != 1:
@@ -66,7 +83,7 @@ class WeightedCrossEntropyLoss(_Loss):
                     raise ValueError(
                         f"target {tuple(target.shape)} does not match logits {tuple(logits.shape)}"
                     )
-                nll = F.cross_entropy(logits.float(), target.long(), reduction="none")
+                nll = F.cross_entropy(logits.float(), target.long(), weight=cw, reduction="none")
             if weight is not None:
                 w = weight.float()
                 if w.dim() == logits.dim() and w.shape[1] == 1:

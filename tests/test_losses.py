@@ -61,6 +61,25 @@ def test_weights_scale_per_pixel_terms(logits_target) -> None:
     torch.testing.assert_close(ign, per_pixel[:, :2].mean().float(), rtol=1e-5, atol=1e-6)
 
 
+def test_class_weights_multiply_each_pixel_by_its_class_weight(logits_target) -> None:
+    """``class_weights`` as ``F.cross_entropy``'s ``weight``, on top of the pixel weights; one-hot targets
+    the same; a wrong number of weights is reported."""
+    logits, target = logits_target
+    n = logits.shape[1]
+    cw = [1.0 + k for k in range(n)]
+    weight = torch.rand(target.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected = F.cross_entropy(logits, target, weight=torch.tensor(cw, dtype=torch.float64), reduction="none")
+    loss = WeightedCrossEntropyLoss(reduction="none", class_weights=cw)
+    want = (expected * weight).float()
+    torch.testing.assert_close(loss(logits, target, weight), want, rtol=1e-5, atol=1e-6)
+    onehot = F.one_hot(target, n).movedim(-1, 1).double()
+    torch.testing.assert_close(loss(logits, onehot, weight), want, rtol=1e-5, atol=1e-6)
+    plain = WeightedCrossEntropyLoss(reduction="none")(logits, target, weight)
+    assert not torch.allclose(loss(logits, target, weight), plain)
+    with pytest.raises(ValueError, match="class_weights"):
+        WeightedCrossEntropyLoss(class_weights=[1.0] * (n + 1))(logits, target)
+
+
 def test_gradients_flow_and_are_weighted() -> None:
     logits = torch.randn(1, 2, 8, 8, requires_grad=True)
     target = torch.randint(0, 2, (1, 1, 8, 8))

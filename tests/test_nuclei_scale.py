@@ -135,6 +135,20 @@ def test_no_second_pass_near_the_target_or_without_one() -> None:
         assert torch.equal(out, plain)
 
 
+def test_three_class_estimate_measures_the_grown_interiors() -> None:
+    """With ``interior_channel`` (background / interior / contour scores) the estimate is the nuclei's
+    diameter, not their interiors'."""
+    from medseg.transforms import contour_classes
+
+    classes = torch.from_numpy(contour_classes(_discs((120, 150), 8.0, 26), width=2).astype(np.int64))
+    scores = torch.nn.functional.one_hot(classes, 3).permute(2, 0, 1).float() * 10.0
+    inner = OverlapTileInferer(roi_size=64, precision="fp32")
+    three = ScaleNormalisingInferer(inner, target_diameter=20.0, min_size=10, interior_channel=1)
+    assert three.estimate_diameter(scores) == pytest.approx(16.0, rel=0.05)
+    interiors_only = ScaleNormalisingInferer(inner, target_diameter=20.0, min_size=10)
+    assert interiors_only.estimate_diameter(scores) < 13.0
+
+
 def test_each_batch_item_gets_its_own_scale() -> None:
     x = torch.cat([_image(radius=4.0, spacing=14), _image(radius=10.0, spacing=30)])
     inferer = ScaleNormalisingInferer(OverlapTileInferer(roi_size=64, precision="fp32"), 20.0, min_size=10)

@@ -65,6 +65,9 @@ class ScaleNormalisingInferer(Inferer):
         combine: ``"replace"``: the rescaled pass's output (resized back) replaces the first pass's;
             ``"mean"``: the two are averaged (a two-scale ensemble).
         foreground_channel: the output channel of the objects (one channel: logit > 0 is foreground).
+        interior_channel: for a three-class network (background 0, interior, contour; see
+            :class:`medseg.transforms.ContourClasses`): the interior's channel. Every class but 0 is then
+            foreground and the first-pass instances are its interiors grown back (``split_h`` unused).
 
     The output has the size, dtype and batch of the first pass; every batch item gets its own scale.
     ``last_scales`` holds the factors of the last call (1.0: not rescaled).
@@ -83,6 +86,7 @@ class ScaleNormalisingInferer(Inferer):
         flip_tta: bool | None = None,
         combine: str = "replace",
         foreground_channel: int = 1,
+        interior_channel: int | None = None,
     ) -> None:
         super().__init__()
         if target_diameter is not None and target_diameter <= 0:
@@ -105,6 +109,7 @@ class ScaleNormalisingInferer(Inferer):
         self.flip_tta = flip_tta
         self.combine = combine
         self.foreground_channel = int(foreground_channel)
+        self.interior_channel = None if interior_channel is None else int(interior_channel)
         self.last_scales: list[float] = []
 
     # the predict engine sets the precision of a copy of the bundle's inferer and reads its tile size
@@ -137,11 +142,16 @@ class ScaleNormalisingInferer(Inferer):
         from medseg.transforms import label_instances
 
         raw = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
+        interior = None
         if raw.shape[0] == 1:
             fg = raw[0] > 0
+        elif self.interior_channel is not None:
+            classes = raw.argmax(0)
+            fg, interior = classes != 0, (classes == self.interior_channel).cpu().numpy()
         else:
             fg = raw.argmax(0) == self.foreground_channel
-        labels = label_instances(fg.cpu().numpy(), min_size=self.min_size, split_h=self.split_h)
+        fg = fg.cpu().numpy()
+        labels = label_instances(fg, min_size=self.min_size, split_h=self.split_h, interior=interior)
         return median_diameter(labels, self.min_size)
 
     def _rescaled_pass(
