@@ -189,6 +189,30 @@ def test_mixed_precision_inferer_trains_fp32_master_weights() -> None:
     assert out["a"].dtype == torch.float32 and out["b"][0].dtype == torch.int32
 
 
+def test_mixed_precision_inferer_runs_the_network_on_plain_tensors() -> None:
+    """A MetaTensor batch reaches the network as a plain tensor; the prediction equals the plain-tensor
+    one, carries the input's metadata and backpropagates."""
+    from monai.data import MetaTensor
+
+    torch.manual_seed(3)
+    net = UNet(2, 1, 2, features=8, depth=2).eval()
+    seen: list[type] = []
+    net.register_forward_pre_hook(lambda m, a: seen.append(type(a[0])))
+    x = torch.rand(2, 1, 92, 92)
+    affine = torch.diag(torch.tensor([2.0, 3.0, 1.0, 1.0]))
+    meta = MetaTensor(x.clone(), affine=affine, meta={"filename_or_obj": "a.png"})
+    meta.is_batch = True
+    inferer = MixedPrecisionInferer("fp32")
+    pred = inferer(meta, net)
+    assert seen == [torch.Tensor]
+    assert isinstance(pred, MetaTensor) and pred.meta["filename_or_obj"] == "a.png" and pred.is_batch
+    assert torch.equal(pred.affine, meta.affine)
+    torch.testing.assert_close(pred.as_tensor(), inferer(x, net))
+    net.train()
+    inferer(meta, net).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
 # ------------------------------------------------------------------- parity on a trained sample model
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
 
 from medseg.precision import Precision, normalise_precision, resolve_precision
@@ -38,6 +39,10 @@ class MixedPrecisionInferer(Inferer):
             :attr:`medseg.precision.Precision.grad_scaling`).
         inferer: the inferer to run (default ``SimpleInferer()``: ``network(inputs)``).
 
+    With the plain forward pass (``SimpleInferer``) a ``MetaTensor`` input reaches the network as a plain
+    tensor (MONAI's per-operation metadata handling would otherwise run in every layer, forward and
+    backward) and the output gets the input's metadata back, as MONAI's propagation would give it.
+
     On CPU, the network's convolution weights are put in channels-last layout in place on the first call
     (values unchanged) unless it is wrapped in ``DistributedDataParallel``: prepare such a network before
     wrapping it (:func:`medseg.precision.prepare_network`).
@@ -52,6 +57,12 @@ class MixedPrecisionInferer(Inferer):
         plan = resolve_precision(self.precision, inputs.device)
         if isinstance(network, torch.nn.Module):
             plan.prepare(network)
+        x = plan.format_input(inputs)
         with plan.autocast():
-            out = self.inferer(plan.format_input(inputs), network, *args, **kwargs)
+            if isinstance(x, MetaTensor) and type(self.inferer) is SimpleInferer:
+                out = network(x.as_tensor(), *args, **kwargs)
+                if isinstance(out, torch.Tensor) and not isinstance(out, MetaTensor):
+                    out = MetaTensor(out).copy_meta_from(x)
+            else:
+                out = self.inferer(x, network, *args, **kwargs)
         return _as_float32(out)
