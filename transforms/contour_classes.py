@@ -5,7 +5,8 @@ Sec. 3). A third class for each instance's contour (the pixels within ``width`` 
 of a pixel outside that instance) widens what separates two touching interiors to the gap plus two
 contours, so the interiors stay apart where a 1-px gap is not predicted; the instances are then the
 interior components grown back over the contours (:func:`medseg.transforms.label_instances` with
-``interior_label``). This is the "boundary" class of Caicedo et al. (2019, Cytometry A 95: 952-965).
+``interior``, :class:`medseg.transforms.LabelInstances` with ``interior_label``). This is the "boundary"
+class of Caicedo et al. (2019, Cytometry A 95: 952-965).
 """
 
 from __future__ import annotations

@@ -48,37 +48,43 @@ def _between_two_instances(labels: np.ndarray) -> np.ndarray:
     return gap & (padded[inner] == 0)
 
 
+def _drop_small(labels: np.ndarray, n: int, min_size: int) -> tuple[np.ndarray, int]:
+    """``labels`` 1..n without the regions under ``min_size`` pixels, renumbered 1..m consecutively."""
+    if not n or min_size <= 1:
+        return labels, n
+    keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_size
+    keep[0] = False
+    new_ids = np.zeros(n + 1, dtype=np.int64)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
+    return new_ids[labels], int(keep.sum())
+
+
+def _flood(
+    fg: np.ndarray, dist: np.ndarray, markers: np.ndarray, n: int, structure: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """Watershed of ``-dist`` from ``markers`` (1..n) within ``fg``; unmarked components kept whole."""
+    labels = watershed(-dist, markers, mask=fg, connectivity=structure)
+    rest, m = ndimage.label(fg & (labels == 0), structure=structure)
+    return np.where(rest > 0, rest + n, labels), n + m
+
+
 def _split_at_necks(fg: np.ndarray, h: float, sigma: float, structure: np.ndarray) -> tuple[np.ndarray, int]:
     """Distance-transform watershed of ``fg``: one region per h-maximum; unmarked components kept whole."""
     dist = ndimage.distance_transform_edt(fg)
     if sigma > 0:
         dist = ndimage.gaussian_filter(dist, sigma)
     markers, n = ndimage.label(h_maxima(dist, h).astype(bool) & fg, structure=structure)
-    labels = watershed(-dist, markers, mask=fg, connectivity=structure)
-    rest, m = ndimage.label(fg & (labels == 0), structure=structure)
-    labels = np.where(rest > 0, rest + n, labels)
-    return labels, n + m
+    return _flood(fg, dist, markers, n, structure)
 
 
 def _grow_interiors(
     fg: np.ndarray, inner: np.ndarray, min_size: int, structure: np.ndarray
 ) -> tuple[np.ndarray, int]:
     """Watershed of the distance to the background from the interior components, within ``fg``."""
-    markers, n = ndimage.label(inner, structure=structure)
-    if n and min_size > 1:
-        sizes = np.bincount(markers.ravel())
-        keep = sizes >= min_size
-        keep[0] = False
-        new_ids = np.zeros(n + 1, dtype=np.int64)
-        new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
-        markers, n = new_ids[markers], int(keep.sum())
+    markers, n = _drop_small(*ndimage.label(inner, structure=structure), min_size)
     if not n:
         return ndimage.label(fg, structure=structure)
-    dist = ndimage.distance_transform_edt(fg)
-    labels = watershed(-dist, markers, mask=fg, connectivity=structure)
-    rest, m = ndimage.label(fg & (labels == 0), structure=structure)
-    labels = np.where(rest > 0, rest + n, labels)
-    return labels, n + m
+    return _flood(fg, ndimage.distance_transform_edt(fg), markers, n, structure)
 
 
 def label_instances(
@@ -128,14 +134,7 @@ def label_instances(
         labels, n = _split_at_necks(fg, float(split_h), float(split_sigma), structure)
     else:
         labels, n = ndimage.label(fg, structure=structure)
-    labels = labels.astype(np.int64, copy=False)
-    if n and min_size > 1:
-        sizes = np.bincount(labels.ravel())
-        keep = sizes >= min_size
-        keep[0] = False
-        new_ids = np.zeros(n + 1, dtype=np.int64)
-        new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
-        labels, n = new_ids[labels], int(keep.sum())
+    labels, n = _drop_small(labels.astype(np.int64, copy=False), n, min_size)
     if n > 1 and fill_gaps:
         gap = _between_two_instances(labels)
         if gap.any():
@@ -226,8 +225,14 @@ class LabelInstancesd(MapTransform):
             raise ValueError("LabelInstancesd takes one mask key")
         self.instance_key = instance_key
         self.transform = LabelInstances(
-            min_size, connectivity, fill_gaps, fill_holes, split_h, split_sigma,
-            interior_label, min_interior_size
+            min_size,
+            connectivity,
+            fill_gaps,
+            fill_holes,
+            split_h,
+            split_sigma,
+            interior_label,
+            min_interior_size,
         )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
