@@ -25,6 +25,7 @@ _LAZY: dict[str, str] = {
     "StrictLoadImage": "medseg.data.loading",
     "StrictLoadImaged": "medseg.data.loading",
     "preflight": "medseg.data.loading",
+    "area_weights": "medseg.data.sampling",
     **{
         name: "medseg.data.writers"
         for name in (
