@@ -1,10 +1,10 @@
-"""Sampling weights for tile-based training: every pixel equally likely to be seen.
+"""Sampling weights for tile-based training: images drawn in proportion to their pixel count.
 
 The U-Net is trained on random tiles (Ronneberger et al. 2015, Sec. 3), one or a few per image drawn.
 With one draw per image a 256x256 field and a 1040x1388 one give the same number of tiles, so the
 pixels (and the nuclei) of the large images are seen several times less often. Weighting each image
-by its pixel count in a ``torch.utils.data.WeightedRandomSampler`` (``replacement=True``) draws tiles
-uniformly over all pixels of the training set instead.
+by its pixel count in a ``torch.utils.data.WeightedRandomSampler`` (``replacement=True``) gives each
+image tiles in proportion to its area (where in the image a tile lies is up to the crop transform).
 """
 
 from __future__ import annotations
