@@ -26,7 +26,7 @@ from medseg.transforms import (
 from monai.transforms import LoadImage
 
 from medseg.data.datalist import load_datalist
-from medseg.metrics import IOU_THRESHOLDS, foreground_iou, instance_iou, object_scores
+from medseg.metrics import IOU_THRESHOLDS, foreground_iou, instance_iou, object_errors, object_scores
 
 REPO = Path(__file__).resolve().parent.parent
 NUCLEI = REPO / "sample_data" / "nuclei_2d"
@@ -246,6 +246,24 @@ def test_object_metrics_hand_made_cases() -> None:
     assert foreground_iou(merged, true) == pytest.approx(200 / 220)
     with pytest.raises(ValueError, match="differ in shape"):
         object_scores(true[:10], true)
+
+
+def test_object_errors_sort_each_unmatched_object_by_cause() -> None:
+    a, b, c = (2, 12, 2, 12), (2, 12, 14, 24), (20, 30, 2, 12)
+    true = _squares(a, b, c)
+    # a and b merged into one prediction, c split in halves, one extra blob on the background
+    pred = _squares((2, 12, 2, 24), (20, 25, 2, 12), (25, 30, 2, 12), (32, 38, 30, 36))
+    e = object_errors(pred, true)
+    assert (e.tp, e.missed, e.merged, e.split, e.inexact_true) == (0, 0, 2, 1, 0)
+    assert (e.extra, e.merging, e.fragment, e.inexact_pred) == (1, 1, 0, 2)
+    # a missed, b found, c reduced to a small fragment
+    e = object_errors(_squares(b, (20, 23, 2, 5)), true)
+    assert (e.tp, e.missed, e.fragment) == (1, 2, 1)
+    s = object_scores(pred, true, [0.5])[0]
+    e = object_errors(pred, true)
+    assert (e.tp, e.fp, e.fn) == (s.tp, s.fp, s.fn)
+    with pytest.raises(ValueError, match="negative"):
+        object_errors(-true, true)
 
 
 def test_otsu_baseline_of_the_quality_benchmark() -> None:
