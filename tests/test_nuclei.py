@@ -251,7 +251,8 @@ def test_object_metrics_hand_made_cases() -> None:
 def test_object_errors_sort_each_unmatched_object_by_cause() -> None:
     a, b, c = (2, 12, 2, 12), (2, 12, 14, 24), (20, 30, 2, 12)
     true = _squares(a, b, c)
-    # a and b merged into one prediction, c split in halves, one extra blob on the background
+    # a and b merged into one prediction, c split in halves, one extra blob on the background; each half
+    # has IoU 0.5 with c (no match) and half its size (not under half: inexact, not a fragment)
     pred = _squares((2, 12, 2, 24), (20, 25, 2, 12), (25, 30, 2, 12), (32, 38, 30, 36))
     e = object_errors(pred, true)
     assert (e.tp, e.missed, e.merged, e.split, e.inexact_true) == (0, 0, 2, 1, 0)
