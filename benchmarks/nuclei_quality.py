@@ -6,6 +6,8 @@ instance labels it writes, and compares them with the true instance labels:
 
 * object accuracy TP / (TP + FP + FN) and F1 at IoU 0.5, 0.7, 0.9 (a predicted and a true nucleus match
   at IoU > t), the mean accuracy over IoU 0.5:0.95 (the DSB 2018 score), foreground IoU;
+* the unmatched objects at IoU 0.5 by cause (``medseg.metrics.object_errors``: missed, merged, split,
+  inexact true nuclei; extra, merging, fragment, inexact predictions), pooled;
 * the same for a baseline: Otsu's threshold of the image + connected components (4-neighbour) with the
   bundle's minimum object size (``min_object_size``).
 
@@ -18,6 +20,7 @@ the per-image scores is printed too. Run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -32,7 +35,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medseg.metrics import IOU_THRESHOLDS, foreground_iou, object_scores  # noqa: E402
+from medseg.metrics import IOU_THRESHOLDS, foreground_iou, object_errors, object_scores  # noqa: E402
 
 
 def otsu_threshold(image: np.ndarray, bins: int = 256) -> float:
@@ -58,11 +61,16 @@ def otsu_instances(image: np.ndarray, min_size: int = 10) -> np.ndarray:
     return labels
 
 
+ERROR_KINDS = ("missed", "merged", "split", "inexact_true", "extra", "merging", "fragment", "inexact_pred")
+
+
 def scores(pred: np.ndarray, true: np.ndarray) -> dict:
     s = object_scores(pred, true, IOU_THRESHOLDS)
+    e = dataclasses.asdict(object_errors(pred, true, 0.5))
     return {"counts": {f"{x.threshold:.2f}": (x.tp, x.fp, x.fn) for x in s},
             "acc50": s[0].accuracy, "f1_50": s[0].f1, "mean_acc": float(np.mean([x.accuracy for x in s])),
-            "fg_iou": foreground_iou(pred, true), "objects": int(len(np.unique(pred)) - 1)}  # fmt: skip
+            "fg_iou": foreground_iou(pred, true), "objects": int(len(np.unique(pred)) - 1),
+            "errors": {k: e[k] for k in ERROR_KINDS}}  # fmt: skip
 
 
 def pooled(rows: list[dict]) -> dict:
@@ -79,6 +87,7 @@ def pooled(rows: list[dict]) -> dict:
     out["fg_iou_mean"] = float(np.mean([r["fg_iou"] for r in rows]))
     out["per_image_acc50"] = float(np.mean([r["acc50"] for r in rows]))
     out["per_image_mean_acc"] = float(np.mean([r["mean_acc"] for r in rows]))
+    out["errors_50"] = {k: int(sum(r["errors"][k] for r in rows)) for k in ERROR_KINDS}
     return out
 
 
@@ -165,6 +174,11 @@ def main() -> None:
         print("|---|" + "---|" * len(keys))
         for name, o in overall.items():
             print(f"| {name} | " + " | ".join(f"{o[k]:.3f}" for k in keys) + " |")
+        print("\nUnmatched objects at IoU 0.5 by cause (true nuclei | predictions), pooled:\n")
+        print("| method | " + " | ".join(ERROR_KINDS) + " |")
+        print("|---|" + "---|" * len(ERROR_KINDS))
+        for name, o in overall.items():
+            print(f"| {name} | " + " | ".join(str(o["errors_50"][k]) for k in ERROR_KINDS) + " |")
         if args.json:
             doc = {"overall": overall, "seconds": wall, "n": len(items)}
             Path(args.json).write_text(json.dumps(doc, indent=2))

@@ -154,7 +154,7 @@ def object_errors(pred: np.ndarray, true: np.ndarray, threshold: float = 0.5) ->
     # compact ids 1..n per image (0 = background), then the sparse (true, pred) overlap pairs
     t = np.unique(np.concatenate([[0], t.ravel()]), return_inverse=True)[1][1:]
     p = np.unique(np.concatenate([[0], p.ravel()]), return_inverse=True)[1][1:]
-    n_t, n_p = int(t.max()) + 1, int(p.max()) + 1
+    n_t, n_p = int(t.max(initial=0)) + 1, int(p.max(initial=0)) + 1  # initial: zero-size images
     area_t, area_p = np.bincount(t, minlength=n_t), np.bincount(p, minlength=n_p)
     both = (t > 0) & (p > 0)
     pairs, inter = np.unique(t[both] * n_p + p[both], return_counts=True)

@@ -263,6 +263,8 @@ def test_object_errors_sort_each_unmatched_object_by_cause() -> None:
     s = object_scores(pred, true, [0.5])[0]
     e = object_errors(pred, true)
     assert (e.tp, e.fp, e.fn) == (s.tp, s.fp, s.fn)
+    assert object_errors(np.zeros_like(true), np.zeros_like(true)) == object_errors(true[:0], true[:0])
+    assert object_errors(np.zeros_like(true), true).missed == 3
     with pytest.raises(ValueError, match="negative"):
         object_errors(-true, true)
 
@@ -278,6 +280,21 @@ def test_otsu_baseline_of_the_quality_benchmark() -> None:
     assert 25 < t < 100  # above the background (20 +- 3), below both objects (>= 100)
     inst = otsu_instances(img)
     assert inst.max() == 2
+
+
+def test_quality_benchmark_pools_counts_and_error_kinds_over_images() -> None:
+    from nuclei_quality import pooled, scores
+
+    a, b = (2, 12, 2, 12), (2, 12, 14, 24)
+    true = _squares(a, b)
+    perfect, merged = scores(true, true), scores(_squares((2, 12, 2, 24)), true)
+    assert perfect["errors"]["merged"] == 0 and merged["errors"] == {
+        "missed": 0, "merged": 2, "split": 0, "inexact_true": 0,
+        "extra": 0, "merging": 1, "fragment": 0, "inexact_pred": 0}  # fmt: skip
+    out = pooled([perfect, merged])
+    # pooled counts, not the mean of per-image scores: 2 TP, 1 FP, 2 FN
+    assert out["acc50"] == pytest.approx(2 / 5) and out["per_image_acc50"] == pytest.approx(0.5)
+    assert out["errors_50"]["merged"] == 2 and out["errors_50"]["merging"] == 1
 
 
 # ------------------------------------------------------------------------------------------ datalist
