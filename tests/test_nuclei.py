@@ -358,3 +358,36 @@ def test_shipped_weights_load_strictly_into_network_def() -> None:
     from shipped_weights import assert_fp16_weights_load_strictly
 
     assert_fp16_weights_load_strictly(BUNDLE)
+
+
+@pytest.mark.skipif(
+    not (DSB.is_dir() and (BUNDLE / "models" / "model.pt").is_file()), reason="needs the DSB 2018 images"
+)
+def test_shipped_model_separates_touching_real_nuclei_better_than_otsu(tmp_path: Path) -> None:
+    """Three DSB 2018 validation fields of densely packed, touching nuclei (about 450 in all)."""
+    from nuclei_quality import otsu_instances
+
+    from medseg.predict import BatchPredictor
+
+    ids = ["5afb7932e9c7328f", "0402a81e75262469", "2f929b067a59f885"]
+    val = {Path(it["image"]).stem: it for it in load_datalist(
+        DSB, "validation", datalist=BUNDLE / "configs" / "dsb2018_fluo_datalist.json")}  # fmt: skip
+    items = [val[i] for i in ids]  # held out of training
+    rows = BatchPredictor.from_bundle(BUNDLE, tmp_path, progress=False).run(
+        [{"image": it["image"]} for it in items]
+    )
+    rows = sorted(rows, key=lambda r: ids.index(Path(r.input).stem))  # the report's order is not the input's
+    load = LoadImage(image_only=True)
+    unet, otsu = [], []
+    for row, it in zip(rows, items, strict=True):
+        assert row.status == "ok", row.error
+        inst = (
+            np.asarray(nib.load(tmp_path / f"{row.id}_instances.nii.gz").dataobj).squeeze().astype(np.int64)
+        )
+        true = np.asarray(load(it["label"])).squeeze().astype(np.int64)
+        unet.append(object_errors(inst, true))
+        otsu.append(object_errors(otsu_instances(np.asarray(load(it["image"])).squeeze(), 25), true))
+    acc = lambda es: sum(e.tp for e in es) / sum(e.tp + e.fp + e.fn for e in es)  # noqa: E731
+    merged = lambda es: sum(e.merged for e in es)  # noqa: E731
+    assert acc(unet) > 0.65 and acc(unet) > acc(otsu) + 0.25, (acc(unet), acc(otsu))
+    assert merged(unet) < merged(otsu) / 3, (merged(unet), merged(otsu))
