@@ -35,7 +35,13 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medseg.metrics import IOU_THRESHOLDS, foreground_iou, object_errors, object_scores  # noqa: E402
+from medseg.metrics import (  # noqa: E402
+    ERROR_KINDS,
+    IOU_THRESHOLDS,
+    foreground_iou,
+    object_errors,
+    object_scores,
+)
 
 
 def otsu_threshold(image: np.ndarray, bins: int = 256) -> float:
@@ -59,9 +65,6 @@ def otsu_instances(image: np.ndarray, min_size: int = 10) -> np.ndarray:
         sizes = np.bincount(labels.ravel())
         labels[sizes[labels] < min_size] = 0
     return labels
-
-
-ERROR_KINDS = ("missed", "merged", "split", "inexact_true", "extra", "merging", "fragment", "inexact_pred")
 
 
 def scores(pred: np.ndarray, true: np.ndarray) -> dict:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "ERROR_KINDS",
     "IOU_THRESHOLDS",
     "ObjectErrors",
     "ObjectScores",
@@ -70,23 +72,44 @@ def _labels(x: np.ndarray, name: str) -> np.ndarray:
     return np.squeeze(arr).astype(np.int64, copy=False)
 
 
-def instance_iou(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """IoU of every overlapping (predicted, true) object pair: ``(pred ids, true ids, iou)`` (0 = background).
+class _Overlaps(NamedTuple):
+    ids_p: np.ndarray  # original id of each compact prediction id (index 0 = background)
+    ids_t: np.ndarray
+    area_p: np.ndarray  # pixels per compact id
+    area_t: np.ndarray
+    p: np.ndarray  # compact ids of the overlapping (prediction, true object) pairs, sorted by p then t
+    t: np.ndarray
+    inter: np.ndarray  # their intersections in pixels
+    iou: np.ndarray  # and their IoU
 
-    Label ids need not be consecutive. Computed from the pixel-pair histogram (one pass, sparse).
-    """
+
+def _overlaps(pred: np.ndarray, true: np.ndarray) -> _Overlaps:
+    """Every overlapping (prediction, true object) pair, from the pixel-pair histogram (one pass, sparse)."""
     p, t = _labels(pred, "pred"), _labels(true, "true")
     if p.shape != t.shape:
         raise ValueError(f"pred and true differ in shape: {p.shape} vs {t.shape}")
-    p, t = p.ravel(), t.ravel()
-    area_p = dict(zip(*np.unique(p, return_counts=True), strict=True))
-    area_t = dict(zip(*np.unique(t, return_counts=True), strict=True))
-    both = (p > 0) & (t > 0)
-    if not both.any():
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-    pairs, inter = np.unique(np.stack([p[both], t[both]]), axis=1, return_counts=True)
-    union = np.array([area_p[a] + area_t[b] for a, b in pairs.T], dtype=np.float64) - inter
-    return pairs[0], pairs[1], inter / union
+    if p.size and min(p.min(), t.min()) < 0:
+        raise ValueError("label images must not hold negative ids")
+    # compact ids 1..n, the background kept at 0
+    ids_p, cp = np.unique(np.concatenate([[0], p.ravel()]), return_inverse=True)
+    ids_t, ct = np.unique(np.concatenate([[0], t.ravel()]), return_inverse=True)
+    cp, ct = cp[1:], ct[1:]
+    area_p, area_t = np.bincount(cp, minlength=len(ids_p)), np.bincount(ct, minlength=len(ids_t))
+    both = (cp > 0) & (ct > 0)
+    pairs, inter = np.unique(cp[both] * len(ids_t) + ct[both], return_counts=True)
+    pp, pt = pairs // len(ids_t), pairs % len(ids_t)
+    iou = inter / (area_p[pp] + area_t[pt] - inter)
+    return _Overlaps(ids_p, ids_t, area_p, area_t, pp, pt, inter, iou)
+
+
+def instance_iou(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every overlapping (predicted, true) object pair: ``(pred ids, true ids, iou)`` (0 = background).
+
+    Label ids need not be consecutive; negative ids are refused. Computed from the pixel-pair histogram
+    (one pass, sparse).
+    """
+    o = _overlaps(pred, true)
+    return o.ids_p[o.p].astype(np.int64), o.ids_t[o.t].astype(np.int64), o.iou
 
 
 def object_scores(
@@ -95,14 +118,17 @@ def object_scores(
     """TP / FP / FN of the instances ``pred`` against ``true`` at each IoU threshold (>= 0.5)."""
     if any(t < 0.5 for t in thresholds):
         raise ValueError("thresholds below 0.5 need a matching step; use thresholds >= 0.5")
-    n_pred = len(np.setdiff1d(np.unique(_labels(pred, "pred")), [0]))
-    n_true = len(np.setdiff1d(np.unique(_labels(true, "true")), [0]))
-    _, _, iou = instance_iou(pred, true)
+    o = _overlaps(pred, true)
+    n_pred, n_true = len(o.ids_p) - 1, len(o.ids_t) - 1  # ids_* start with the background
     out = []
     for t in thresholds:
-        tp = int((iou > t).sum())
+        tp = int((o.iou > t).sum())
         out.append(ObjectScores(float(t), tp, n_pred - tp, n_true - tp))
     return out
+
+
+#: the fields of :class:`ObjectErrors` that count unmatched objects: true objects first, then predictions
+ERROR_KINDS = ("missed", "merged", "split", "inexact_true", "extra", "merging", "fragment", "inexact_pred")
 
 
 @dataclass(frozen=True)
@@ -146,20 +172,9 @@ def object_errors(pred: np.ndarray, true: np.ndarray, threshold: float = 0.5) ->
     """
     if threshold < 0.5:
         raise ValueError("threshold below 0.5 needs a matching step; use threshold >= 0.5")
-    p, t = _labels(pred, "pred"), _labels(true, "true")
-    if p.shape != t.shape:
-        raise ValueError(f"pred and true differ in shape: {p.shape} vs {t.shape}")
-    if p.size and min(p.min(), t.min()) < 0:
-        raise ValueError("label images must not hold negative ids")
-    # compact ids 1..n per image (0 = background), then the sparse (true, pred) overlap pairs
-    t = np.unique(np.concatenate([[0], t.ravel()]), return_inverse=True)[1][1:]
-    p = np.unique(np.concatenate([[0], p.ravel()]), return_inverse=True)[1][1:]
-    n_t, n_p = int(t.max(initial=0)) + 1, int(p.max(initial=0)) + 1  # initial: zero-size images
-    area_t, area_p = np.bincount(t, minlength=n_t), np.bincount(p, minlength=n_p)
-    both = (t > 0) & (p > 0)
-    pairs, inter = np.unique(t[both] * n_p + p[both], return_counts=True)
-    a, b = pairs // n_p, pairs % n_p
-    iou = inter / (area_t[a] + area_p[b] - inter)
+    o = _overlaps(pred, true)
+    n_t, n_p = len(o.ids_t), len(o.ids_p)
+    area_t, area_p, a, b, inter, iou = o.area_t, o.area_p, o.t, o.p, o.inter, o.iou
     matched_t = np.bincount(a[iou > threshold], minlength=n_t) > 0
     matched_p = np.bincount(b[iou > threshold], minlength=n_p) > 0
     covered_t = np.bincount(a, weights=inter, minlength=n_t)  # pixels of each true object on predictions
@@ -173,8 +188,7 @@ def object_errors(pred: np.ndarray, true: np.ndarray, threshold: float = 0.5) ->
     main_t = np.zeros(n_p, np.int64)
     order = np.lexsort((inter, b))
     main_t[b[order]] = a[order]
-    kinds = dict.fromkeys(("missed", "merged", "split", "inexact_true", "extra", "merging", "fragment",
-                           "inexact_pred"), 0)  # fmt: skip
+    kinds = dict.fromkeys(ERROR_KINDS, 0)
     for i in np.flatnonzero(~matched_t[1:]) + 1:
         if covered_t[i] < 0.5 * area_t[i]:
             kinds["missed"] += 1

@@ -267,6 +267,8 @@ def test_object_errors_sort_each_unmatched_object_by_cause() -> None:
     assert object_errors(np.zeros_like(true), true).missed == 3
     with pytest.raises(ValueError, match="negative"):
         object_errors(-true, true)
+    with pytest.raises(ValueError, match="negative"):
+        object_scores(true, -true)
 
 
 def test_otsu_baseline_of_the_quality_benchmark() -> None:
