@@ -141,6 +141,33 @@ def test_label_instances_dict_transform_keeps_metadata() -> None:
         LabelInstancesd(["a", "b"])
 
 
+def test_objects_of_low_mean_probability_are_dropped() -> None:
+    """Three squares the argmax calls foreground; the one the network is unsure of (mean foreground
+    probability 0.6) is dropped with ``min_mean_probability`` 0.75, the sure ones are kept, ids consecutive;
+    a probability map is required."""
+    fg_prob = np.full((20, 20), 0.05, np.float32)
+    fg_prob[1:6, 1:6] = 0.95
+    fg_prob[8:13, 8:13] = 0.6  # faint: above 0.5 at every pixel, unsure as an object
+    fg_prob[14:19, 14:19] = np.where(np.arange(5) % 2, 0.99, 0.7)  # mean 0.82: kept
+    fg = fg_prob > 0.5
+    assert label_instances(fg, min_size=4).max() == 3
+    inst = label_instances(fg, min_size=4, probability=fg_prob, min_mean_probability=0.75)
+    assert sorted(np.unique(inst)) == [0, 1, 2]
+    assert (inst[8:13, 8:13] == 0).all() and (inst[1:6, 1:6] > 0).all() and (inst[14:19, 14:19] > 0).all()
+    assert (inst[1:6, 1:6] != inst[14:19, 14:19]).all()
+    with pytest.raises(ValueError, match="probability map"):
+        label_instances(fg, probability=None, min_mean_probability=0.75)
+    with pytest.raises(ValueError, match="probability map"):
+        label_instances(fg, probability=fg_prob[:10], min_mean_probability=0.75)
+
+    softmax = torch.from_numpy(np.stack([1 - fg_prob, fg_prob]))  # the network's softmax, (bg, fg)
+    out = LabelInstancesd("pred", min_size=4, min_mean_probability=0.75)({"pred": softmax})
+    assert np.array_equal(np.asarray(out["instances"][0]), inst)
+    assert int(LabelInstances(min_size=4)(softmax).max()) == 3  # off by default
+    with pytest.raises(ValueError, match="softmax"):
+        LabelInstances(min_mean_probability=0.75)(torch.from_numpy(fg[None].astype(np.float32)))
+
+
 def test_contour_classes_of_touching_squares() -> None:
     """Interior, a contour of ``width`` px inside each instance (also where two touch), background."""
     lab = np.zeros((12, 20), np.int64)

@@ -13,6 +13,11 @@ h-maximum of the smoothed distance to the background, flooded within the foregro
 A network trained on three classes (background, interior, contour: :class:`medseg.transforms.ContourClasses`)
 gives the markers itself: each component of its interior is one instance, grown back over the contour
 pixels around it by the same watershed (``interior``).
+
+Given the network's softmax output instead of its argmax, objects whose mean foreground probability is low
+(faint texture, out-of-focus debris, the background of an image unlike the training images) can be dropped
+as well (``min_mean_probability``): an object-level confidence, as in the detection score of Mask R-CNN
+(He et al. 2017) or the object probability of StarDist (Schmidt et al. 2018).
 """
 
 from __future__ import annotations
@@ -48,15 +53,28 @@ def _between_two_instances(labels: np.ndarray) -> np.ndarray:
     return gap & (padded[inner] == 0)
 
 
+def _keep(labels: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, int]:
+    """``labels`` with only the ids where ``keep`` (indexed by id, ``keep[0]`` ignored), renumbered 1..m."""
+    keep = keep.copy()
+    keep[0] = False
+    new_ids = np.zeros(len(keep), dtype=np.int64)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
+    return new_ids[labels], int(keep.sum())
+
+
 def _drop_small(labels: np.ndarray, n: int, min_size: int) -> tuple[np.ndarray, int]:
     """``labels`` 1..n without the regions under ``min_size`` pixels, renumbered 1..m consecutively."""
     if not n or min_size <= 1:
         return labels, n
-    keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_size
-    keep[0] = False
-    new_ids = np.zeros(n + 1, dtype=np.int64)
-    new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
-    return new_ids[labels], int(keep.sum())
+    return _keep(labels, np.bincount(labels.ravel(), minlength=n + 1) >= min_size)
+
+
+def _drop_unsure(labels: np.ndarray, n: int, prob: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
+    """``labels`` 1..n without the regions whose mean of ``prob`` is under ``threshold``, renumbered."""
+    if not n or threshold <= 0:
+        return labels, n
+    means = np.asarray(ndimage.mean(prob, labels, np.arange(1, n + 1)))
+    return _keep(labels, np.r_[False, means >= threshold])
 
 
 def _flood(
@@ -97,6 +115,8 @@ def label_instances(
     split_sigma: float = 1.0,
     interior: np.ndarray | None = None,
     min_interior_size: int = 1,
+    probability: np.ndarray | None = None,
+    min_mean_probability: float = 0.0,
 ) -> np.ndarray:
     """Instance labels (0 = background, 1..N consecutive) of a binary foreground (no channel axis).
 
@@ -117,11 +137,16 @@ def label_instances(
             the watershed of the distance to the background within the foreground (replaces ``split_h``);
             foreground components without such a marker stay whole.
         min_interior_size: smaller interior components are not markers (their pixels join a neighbour).
+        probability: foreground probability per pixel (same shape), for ``min_mean_probability``.
+        min_mean_probability: objects whose mean ``probability`` is lower are dropped (0: keep all).
 
     Returns:
         uint16 labels (uint32 beyond 65535 instances).
     """
     fg = np.asarray(foreground) > 0
+    if min_mean_probability > 0 and (probability is None or np.shape(probability) != fg.shape):
+        shape = None if probability is None else np.shape(probability)
+        raise ValueError(f"min_mean_probability needs a probability map of shape {fg.shape}, got {shape}")
     inner = None if interior is None else np.asarray(interior) > 0
     if inner is not None:
         fg = fg | inner
@@ -135,6 +160,9 @@ def label_instances(
     else:
         labels, n = ndimage.label(fg, structure=structure)
     labels, n = _drop_small(labels.astype(np.int64, copy=False), n, min_size)
+    if min_mean_probability > 0:
+        prob = np.asarray(probability, dtype=np.float32)
+        labels, n = _drop_unsure(labels, n, prob, float(min_mean_probability))
     if n > 1 and fill_gaps:
         gap = _between_two_instances(labels)
         if gap.any():
@@ -148,10 +176,12 @@ def label_instances(
 class LabelInstances(Transform):
     """Channel-first mask ``(1, *spatial)`` (or one-hot) -> instance labels ``(1, *spatial)``.
 
-    See :func:`label_instances`. A one-hot input (C > 1 channels) is read as its argmax. Foreground is
-    every class above 0; with ``interior_label`` set (a three-class network: 1 for
+    See :func:`label_instances`. A one-hot or softmax input (C > 1 channels) is read as its argmax. Foreground
+    is every class above 0; with ``interior_label`` set (a three-class network: 1 for
     :class:`medseg.transforms.ContourClasses`), the pixels of that class are the interiors grown into
-    instances. Metadata of a ``MetaTensor`` input is kept.
+    instances. With ``min_mean_probability`` the input must be the softmax output: one minus its background
+    channel is the foreground probability whose mean over an object decides whether it is kept. Metadata of
+    a ``MetaTensor`` input is kept.
     """
 
     def __init__(
@@ -164,6 +194,7 @@ class LabelInstances(Transform):
         split_sigma: float = 1.0,
         interior_label: int | None = None,
         min_interior_size: int = 1,
+        min_mean_probability: float = 0.0,
     ) -> None:
         self.min_size = int(min_size)
         self.connectivity = int(connectivity)
@@ -173,6 +204,7 @@ class LabelInstances(Transform):
         self.split_sigma = float(split_sigma)
         self.interior_label = None if interior_label is None else int(interior_label)
         self.min_interior_size = int(min_interior_size)
+        self.min_mean_probability = float(min_mean_probability)
 
     def __call__(self, mask: NdarrayOrTensor) -> NdarrayOrTensor:
         raw = mask.as_tensor() if isinstance(mask, MetaTensor) else mask
@@ -180,6 +212,14 @@ class LabelInstances(Transform):
         if arr.ndim < 2:
             raise ValueError(f"expected a channel-first mask, got shape {arr.shape}")
         classes = np.argmax(arr, axis=0) if arr.shape[0] > 1 else np.rint(arr[0])  # one-hot or a label map
+        probability = None
+        if self.min_mean_probability > 0:
+            if arr.shape[0] < 2:
+                raise ValueError(
+                    "min_mean_probability needs the network's softmax output (C > 1 channels), "
+                    f"got {arr.shape[0]} channel"
+                )
+            probability = 1.0 - arr[0].astype(np.float32)
         interior = None if self.interior_label is None else classes == self.interior_label
         out = label_instances(
             classes > 0,
@@ -191,6 +231,8 @@ class LabelInstances(Transform):
             self.split_sigma,
             interior=interior,
             min_interior_size=self.min_interior_size,
+            probability=probability,
+            min_mean_probability=self.min_mean_probability,
         )[None]
         if isinstance(mask, MetaTensor):
             return MetaTensor(torch.from_numpy(out.astype(np.int32)), meta=dict(mask.meta))
@@ -202,7 +244,7 @@ class LabelInstances(Transform):
 class LabelInstancesd(MapTransform):
     """Dictionary version of :class:`LabelInstances`: writes the instances of ``keys`` to ``instance_key``.
 
-    E.g. in a bundle's post-processing after ``AsDiscreted(argmax=True)``:
+    E.g. in a bundle's post-processing after ``Activationsd(softmax=True)`` (before ``AsDiscreted``):
     ``{"_target_": "medseg.transforms.LabelInstancesd", "keys": "pred", "instance_key": "instances"}``.
     """
 
@@ -218,6 +260,7 @@ class LabelInstancesd(MapTransform):
         split_sigma: float = 1.0,
         interior_label: int | None = None,
         min_interior_size: int = 1,
+        min_mean_probability: float = 0.0,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -233,6 +276,7 @@ class LabelInstancesd(MapTransform):
             split_sigma,
             interior_label,
             min_interior_size,
+            min_mean_probability,
         )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
