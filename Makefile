@@ -30,10 +30,12 @@ install-test: venv
 DEMO_BUNDLE ?= bundles/unet_nuclei_2d
 DEMO_INPUT  ?= sample_data/nuclei_2d/images
 DEMO_TRAIN_ARGS ?=
-# the demo's model goes to out/demo_model, leaving the bundle's shipped weights (models/model.pt) as they are
+# the demo's model goes to out/demo_model, leaving the bundle's shipped weights (models/model.pt) as they are;
+# it keeps every object (the object-probability filter is calibrated for the shipped weights, not a 20-epoch model)
 demo: install
 	$(PY) -m monai.bundle run training --config_file $(DEMO_BUNDLE)/configs/train.json --ckpt_dir out/demo_model $(DEMO_TRAIN_ARGS)
-	$(PY) -m medseg predict --bundle $(DEMO_BUNDLE) --ckpt out/demo_model/model.pt --input $(DEMO_INPUT) --output out/demo --overlays
+	$(PY) -m medseg predict --bundle $(DEMO_BUNDLE) --ckpt out/demo_model/model.pt --input $(DEMO_INPUT) --output out/demo --overlays \
+		--config-file $(DEMO_BUNDLE)/configs/inference.json $(DEMO_BUNDLE)/configs/keep_unsure_objects.json
 	@echo "masks, instances, overlays and report.csv are in out/demo; model in out/demo_model, curves in $(DEMO_BUNDLE)/eval"
 
 test: install-test
