@@ -437,10 +437,9 @@ def test_shipped_object_probability_filter_removes_background_objects_on_real_im
     (item,) = [it for it in val if Path(it["image"]).stem == "7f38885521586fc6"]
     true = np.asarray(LoadImage(image_only=True)(item["label"])).squeeze().astype(np.int64)
     configs = [str(BUNDLE / "configs" / "inference.json")]
-    off = tmp_path / "off.json"
-    off.write_text(json.dumps({"min_object_probability": 0.0}))
+    off = [*configs, str(BUNDLE / "configs" / "keep_unsure_objects.json")]
     errors = {}
-    for name, files in (("shipped", configs), ("off", [*configs, str(off)])):
+    for name, files in (("shipped", configs), ("off", off)):
         (row,) = BatchPredictor.from_bundle(BUNDLE, tmp_path / name, config_file=files, progress=False).run(
             [{"image": item["image"]}]
         )

@@ -54,8 +54,7 @@ def _between_two_instances(labels: np.ndarray) -> np.ndarray:
 
 
 def _keep(labels: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, int]:
-    """``labels`` with only the ids where ``keep`` (indexed by id, ``keep[0]`` ignored), renumbered 1..m."""
-    keep = keep.copy()
+    """``labels`` with only the ids where ``keep`` (a fresh array indexed by id), renumbered 1..m."""
     keep[0] = False
     new_ids = np.zeros(len(keep), dtype=np.int64)
     new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
@@ -71,7 +70,7 @@ def _drop_small(labels: np.ndarray, n: int, min_size: int) -> tuple[np.ndarray, 
 
 def _drop_unsure(labels: np.ndarray, n: int, prob: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
     """``labels`` 1..n without the regions whose mean of ``prob`` is under ``threshold``, renumbered."""
-    if not n or threshold <= 0:
+    if not n:
         return labels, n
     means = np.asarray(ndimage.mean(prob, labels, np.arange(1, n + 1)))
     return _keep(labels, np.r_[False, means >= threshold])
@@ -161,8 +160,7 @@ def label_instances(
         labels, n = ndimage.label(fg, structure=structure)
     labels, n = _drop_small(labels.astype(np.int64, copy=False), n, min_size)
     if min_mean_probability > 0:
-        prob = np.asarray(probability, dtype=np.float32)
-        labels, n = _drop_unsure(labels, n, prob, float(min_mean_probability))
+        labels, n = _drop_unsure(labels, n, np.asarray(probability), float(min_mean_probability))
     if n > 1 and fill_gaps:
         gap = _between_two_instances(labels)
         if gap.any():
