@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument(
         "--set",
         nargs="*",
+        action="extend",
         default=[],
         metavar="ID=JSON",
         help="inference config overrides, e.g. tile_inferer#flip_tta=true target_diameter=19.7",
