@@ -452,3 +452,36 @@ def test_shipped_object_probability_filter_removes_background_objects_on_real_im
     assert on.fp < off_.fp / 2, (on.fp, off_.fp)
     assert on.tp >= 0.75 * off_.tp, (on.tp, off_.tp)
     assert acc(on) > 2 * acc(off_), (acc(on), acc(off_))
+
+
+@pytest.mark.skipif(
+    not (DSB.is_dir() and (BUNDLE / "models" / "model.pt").is_file()), reason="needs the DSB 2018 images"
+)
+def test_shipped_test_time_flips_make_the_prediction_mirror_equivariant() -> None:
+    """The bundle averages the logits of the four mirrorings (``flip_tta``): mirroring a real field before
+    prediction then mirrors the prediction, up to rounding; a single pass is not equivariant."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser["bundle_root"] = str(BUNDLE)
+    assert parser.get_parsed_content("flip_tta") is True
+    net = parser.get_parsed_content("network_def")
+    state = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+    net = parser.get_parsed_content("precision_plan").prepare(net.eval())
+    image = DSB / "images" / "2f929b067a59f885.png"  # validation split, 52 touching nuclei
+    x = parser.get_parsed_content("preprocessing")({"image": str(image)})["image"][None].float()
+    gaps = {}
+    for flips in (True, False):
+        parser["tile_inferer"]["flip_tta"] = flips
+        infer = parser.get_parsed_content("tile_inferer", instantiate=True, lazy=False)
+        assert infer.flip_tta is flips
+        with torch.no_grad():
+            y = infer(x, net).float()
+            y_mirrored = torch.flip(infer(torch.flip(x, (2, 3)), net).float(), (2, 3))
+        disagree = (y.argmax(1) != y_mirrored.argmax(1)).float().mean().item()
+        gaps[flips] = (y - y_mirrored).abs().max().item(), disagree
+    # (largest logit difference, fraction of pixels whose class differs); bf16 rounding leaves a little
+    assert gaps[True][0] < 0.1 * gaps[False][0], gaps
+    assert gaps[True][1] < 0.25 * gaps[False][1], gaps
