@@ -462,13 +462,14 @@ def test_shipped_test_time_flips_make_the_prediction_mirror_equivariant() -> Non
     prediction then mirrors the prediction, up to rounding; a single pass is not equivariant."""
     from monai.bundle import ConfigParser
 
+    from medseg.bundle import load_weights
+
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "inference.json"))
     parser["bundle_root"] = str(BUNDLE)
     assert parser.get_parsed_content("flip_tta") is True
     net = parser.get_parsed_content("network_def")
-    state = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
-    net.load_state_dict({k: v.float() for k, v in state.items()})
+    load_weights(net, BUNDLE / "models" / "model.pt")
     net = parser.get_parsed_content("precision_plan").prepare(net.eval())
     image = DSB / "images" / "2f929b067a59f885.png"  # validation split, 52 touching nuclei
     x = parser.get_parsed_content("preprocessing")({"image": str(image)})["image"][None].float()
