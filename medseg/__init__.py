@@ -20,6 +20,7 @@ from medseg._version import __version__
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
     "UNet": "medseg.networks",
+    "BorderGatedEnsemble": "medseg.networks",
     "OverlapTileInferer": "medseg.inferers",
     "MixedPrecisionInferer": "medseg.inferers",
     "Precision": "medseg.precision",
@@ -29,6 +30,7 @@ _LAZY: dict[str, str] = {
     "MatReader": "medseg.data",
     "ReadError": "medseg.data",
     "WeightedCrossEntropyLoss": "medseg.losses",
+    "BorderGatedEnsembleLoss": "medseg.losses",
     "write_nifti_mask": "medseg.data",
     "write_dicom_seg": "medseg.data",
     "load_datalist": "medseg.data",

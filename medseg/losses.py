@@ -4,7 +4,8 @@
 multiplied by a per-pixel weight map (e.g. from :class:`medseg.transforms.UNetWeightMapd`). MONAI has
 no per-pixel weighted cross-entropy. Dice + cross-entropy is MONAI's :class:`monai.losses.DiceCELoss`,
 re-exported here; :class:`DiceBCELoss` is that loss for one sigmoid output (BCE + Dice, a common U-Net
-brain-tumour recipe).
+brain-tumour recipe). :class:`BorderGatedEnsembleLoss` trains the two members of
+:class:`medseg.networks.BorderGatedEnsemble`, one with the weight map and one without its border term.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from monai.losses import DiceCELoss
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["WeightedCrossEntropyLoss", "DiceCELoss", "DiceBCELoss"]
+__all__ = ["WeightedCrossEntropyLoss", "DiceCELoss", "DiceBCELoss", "BorderGatedEnsembleLoss"]
 
 
 class WeightedCrossEntropyLoss(_Loss):
@@ -120,3 +121,30 @@ class DiceBCELoss(DiceCELoss):
             )
         bce = self.bce(input, target.to(input.dtype))  # DiceCELoss own BCE: reduction, pos_weight
         return self.lambda_dice * self.dice(input, target) + self.lambda_ce * bce
+
+
+class BorderGatedEnsembleLoss(_Loss):
+    """The sum of the two members' losses of :class:`medseg.networks.BorderGatedEnsemble` in training.
+
+    ``loss(logits, target, weight)`` with ``logits`` the ``(B, 4, *spatial)`` training output (the border
+    network's two channels, then the plain network's): the border network gets the pixel-weighted
+    cross-entropy of Eq. (1) with the weight map ``weight`` of Eq. (2); the plain network gets the same
+    cross-entropy without the map, only ``plain_class_weights`` (``w_c`` of Eq. (2), e.g. the fixed
+    class weights the map was built with; ``None``: unweighted), i.e. the map with ``w0 = 0``. The
+    members share no parameters, so each is trained exactly as on its own loss.
+    """
+
+    def __init__(self, plain_class_weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.border_loss = WeightedCrossEntropyLoss()
+        self.plain_loss = WeightedCrossEntropyLoss(class_weights=plain_class_weights)
+
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if logits.dim() < 3 or logits.shape[1] != 4:
+            raise ValueError(
+                "BorderGatedEnsembleLoss expects the ensemble's training output (B, 4, *spatial), "
+                f"got shape {tuple(logits.shape)}; is the network in training mode?"
+            )
+        return self.border_loss(logits[:, :2], target, weight) + self.plain_loss(logits[:, 2:], target)
