@@ -492,9 +492,10 @@ def test_shipped_object_probability_filter_removes_background_objects_on_real_im
     not (DSB.is_dir() and (BUNDLE / "models" / "model.pt").is_file()), reason="needs the DSB 2018 images"
 )
 def test_shipped_test_time_flips_make_the_prediction_mirror_equivariant() -> None:
-    """The bundle averages the logits of the four mirrorings (``flip_tta``): mirroring a real field before
-    prediction then mirrors the prediction, up to fp32 rounding; a single pass is not equivariant. Computed
-    in fp32 on a crop of a valid output size, so that nothing but rounding can tell the two apart."""
+    """The bundle averages the logits over mirrorings of ``flip_axes`` (``flip_tta``): mirroring a real field
+    along those axes before prediction then mirrors the prediction, up to fp32 rounding; a single pass is not
+    equivariant. Computed in fp32 on a crop of a valid output size, so that nothing but rounding can tell the
+    two apart."""
     from monai.bundle import ConfigParser
 
     from medseg.bundle import load_weights
@@ -504,6 +505,8 @@ def test_shipped_test_time_flips_make_the_prediction_mirror_equivariant() -> Non
     parser["bundle_root"] = str(BUNDLE)
     parser["precision"] = "fp32"
     assert parser.get_parsed_content("flip_tta") is True
+    dims = tuple(2 + int(a) for a in parser.get_parsed_content("flip_axes"))  # spatial axis -> NCHW dim
+    assert dims
     net = parser.get_parsed_content("network_def")
     load_weights(net, BUNDLE / "models" / "model.pt")
     net = parser.get_parsed_content("precision_plan").prepare(net.eval())
@@ -519,7 +522,7 @@ def test_shipped_test_time_flips_make_the_prediction_mirror_equivariant() -> Non
         assert infer.flip_tta is flips
         with torch.no_grad():
             y = infer(x, net).float()
-            y_mirrored = torch.flip(infer(torch.flip(x, (2, 3)), net).float(), (2, 3))
+            y_mirrored = torch.flip(infer(torch.flip(x, dims), net).float(), dims)
         disagree = (y.argmax(1) != y_mirrored.argmax(1)).float().mean().item()
         gaps[flips] = (y - y_mirrored).abs().max().item(), disagree
     # (largest logit difference, fraction of pixels whose class differs)
