@@ -468,9 +468,8 @@ def test_shipped_object_probability_filter_removes_background_objects_on_real_im
     ids = ["7f38885521586fc6", "20c37b1ad2f510ed"]
     val = {Path(it["image"]).stem: it for it in load_datalist(
         DSB, "validation", datalist=BUNDLE / "configs" / "dsb2018_fluo_datalist.json")}  # fmt: skip
-    no_flips = tmp_path / "no_flips.json"  # the filter acts on the network's output, with or without flips
-    no_flips.write_text('{"flip_tta": false}')
-    configs = [str(BUNDLE / "configs" / "inference.json"), str(no_flips)]
+    # one pass per tile: the filter acts on the network's output, with or without flips
+    configs = [str(BUNDLE / "configs" / n) for n in ("inference.json", "no_flips.json")]
     off = [*configs, str(BUNDLE / "configs" / "keep_unsure_objects.json")]
     errors: dict[str, list] = {}
     for name, files in (("shipped", configs), ("off", off)):

@@ -238,9 +238,8 @@ def test_predict_bf16_masks_match_fp32(trained_nuclei: Path, tmp_path: Path) -> 
     from medseg.predict import BatchPredictor
 
     items = load_datalist(str(NUCLEI), "test") + load_datalist(str(NUCLEI), "validation")
-    no_flips = tmp_path / "no_flips.json"  # one pass per tile: bf16 is emulated, slowly, on CPUs without it
-    no_flips.write_text('{"flip_tta": false}')
-    configs = [str(trained_nuclei / "configs" / "inference.json"), str(no_flips)]
+    # one pass per tile: bf16 is emulated, slowly, on CPUs without it
+    configs = [str(trained_nuclei / "configs" / n) for n in ("inference.json", "no_flips.json")]
     masks: dict[str, list[np.ndarray]] = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
