@@ -115,6 +115,28 @@ def test_separation_leaves_no_touching_instances(cells_2d: np.ndarray) -> None:
     assert np.count_nonzero(separate_instances(cells_2d, 1)) > np.count_nonzero(sep)
 
 
+def test_wider_gap_removes_both_sides_of_the_one_pixel_gap(cells_2d: np.ndarray) -> None:
+    one = separate_instances(cells_2d)
+    gap = (cells_2d > 0) & (one == 0)
+    for width in (3, 5):
+        sep = separate_instances(cells_2d, gap_width=width)
+        # the removed pixels are the 1-px gap dilated by (width - 1) / 2 steps, within the cells
+        grown = ndimage.binary_dilation(gap, np.ones((3, 3), bool), iterations=(width - 1) // 2)
+        expected = np.where(grown & (cells_2d > 0), 0, cells_2d)
+        erased = np.setdiff1d(np.unique(cells_2d), np.unique(expected))  # small cells inside the gap
+        kept_whole = np.isin(one, erased)
+        expected[kept_whole] = one[kept_whole]
+        np.testing.assert_array_equal(sep, expected)
+        assert touching_pairs(sep, 2) == set()
+        assert np.count_nonzero(sep) < np.count_nonzero(one)  # wider than the 1-px gap
+        assert set(np.unique(sep)) == set(np.unique(cells_2d))  # no instance vanished
+    with pytest.raises(ValueError, match="gap_width"):
+        separate_instances(cells_2d, gap_width=2)
+    # the weight map's labels follow the same separation
+    w = UNetWeightMapd(keys="label", gap_width=3)({"label": cells_2d[None]})
+    np.testing.assert_array_equal(np.asarray(w["label"])[0], separate_instances(cells_2d, gap_width=3))
+
+
 def test_separation_3d() -> None:
     lab = synthetic_instances((20, 32, 32), n=25, rmin=4, rmax=8, seed=3)
     assert touching_pairs(lab, 3)

@@ -72,7 +72,7 @@ def _shift_slices(off: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, .
     return here, there
 
 
-def separate_instances(labels: np.ndarray, connectivity: int | None = None) -> np.ndarray:
+def separate_instances(labels: np.ndarray, connectivity: int | None = None, gap_width: int = 1) -> np.ndarray:
     """Separate touching instances by a 1-px background gap (spatial array, no channel axis).
 
     Of every pair of neighbouring foreground pixels with different instance ids, the pixel with the
@@ -88,6 +88,10 @@ def separate_instances(labels: np.ndarray, connectivity: int | None = None) -> n
             (default, as the authors' tool) = full connectivity: 8 neighbours in 2D, 26 in 3D, so that
             the instances are also separate 8-/26-connected components. After the call no two different
             instances are neighbours in this connectivity.
+        gap_width: odd width of the gap in pixels. Wider gaps (3, 5, ...) also remove the instance pixels
+            within ``(gap_width - 1) / 2`` steps (in ``connectivity``) of the 1-px gap, on both sides: a
+            wider target gap between touching cells, given back to the cells when instances are grown
+            into the foreground at inference. A cell the wider gap would erase keeps its 1-px separation.
 
     Returns:
         A new integer array (the input's dtype for integer input).
@@ -97,6 +101,8 @@ def separate_instances(labels: np.ndarray, connectivity: int | None = None) -> n
     connectivity = ndim if connectivity is None else int(connectivity)
     if not 1 <= connectivity <= ndim:
         raise ValueError(f"connectivity must be in [1, {ndim}], got {connectivity}")
+    if gap_width < 1 or gap_width % 2 == 0:
+        raise ValueError(f"gap_width must be an odd number >= 1, got {gap_width}")
     remove = np.zeros(arr.shape, dtype=bool)
     for off in _preceding_offsets(ndim, connectivity):  # each neighbour pair once
         here, there = _shift_slices(off)
@@ -106,6 +112,15 @@ def separate_instances(labels: np.ndarray, connectivity: int | None = None) -> n
         remove[there] |= touch & (b > a)
     out = arr.copy()
     out[remove] = 0
+    if gap_width > 1 and remove.any():
+        structure = ndimage.generate_binary_structure(ndim, connectivity)
+        wide = ndimage.binary_dilation(remove, structure, iterations=(gap_width - 1) // 2) & (arr > 0)
+        wider = np.where(wide, 0, arr)
+        lost = np.setdiff1d(np.unique(out), np.unique(wider))  # cells the wide gap would erase entirely
+        if lost.size:
+            keep = np.isin(out, lost)
+            wider[keep] = out[keep]
+        out = wider
     return out
 
 
@@ -143,6 +158,7 @@ def unet_weight_map(
     connectivity: int | None = None,
     sampling: float | Sequence[float] | None = None,
     tolerance: float = 1e-4,
+    gap_width: int = 1,
 ) -> np.ndarray:
     """U-Net weight map (paper eq. 2) of one spatial instance-label array (2D or 3D, no channel axis).
 
@@ -156,7 +172,7 @@ def unet_weight_map(
             with one class only gets ``w_c = 1``.
         separate: first apply :func:`separate_instances`; ``w_c``, ``d1`` and ``d2`` are then computed
             on the separated labels (the gap pixels are background and get the border term).
-        connectivity: passed to :func:`separate_instances`.
+        connectivity, gap_width: passed to :func:`separate_instances`.
         sampling: pixel spacing per spatial axis (anisotropic distances), as in
             :func:`scipy.ndimage.distance_transform_edt`.
         tolerance: absolute error bound of the result. The term is < tolerance where ``d1 + d2 > m``,
@@ -177,7 +193,7 @@ def unet_weight_map(
     if w0 < 0 or sigma < 0 or tolerance <= 0:
         raise ValueError(f"need w0 >= 0, sigma >= 0, tolerance > 0; got {w0}, {sigma}, {tolerance}")
     if separate:
-        arr = separate_instances(arr, connectivity)
+        arr = separate_instances(arr, connectivity, gap_width)
     spacing = np.asarray(ensure_tuple_rep(1.0 if sampling is None else sampling, arr.ndim), dtype=float)
     if np.any(spacing <= 0):
         raise ValueError(f"sampling must be positive, got {tuple(spacing)}")
@@ -251,6 +267,7 @@ class UNetWeightMap(Transform):
         connectivity: int | None = None,
         sampling: float | Sequence[float] | None = None,
         tolerance: float = 1e-4,
+        gap_width: int = 1,
     ) -> None:
         self.w0 = float(w0)
         self.sigma = float(sigma)
@@ -259,6 +276,7 @@ class UNetWeightMap(Transform):
         self.connectivity = connectivity
         self.sampling = sampling
         self.tolerance = float(tolerance)
+        self.gap_width = int(gap_width)
 
     @staticmethod
     def _channels(img: NdarrayOrTensor) -> np.ndarray:
@@ -270,7 +288,7 @@ class UNetWeightMap(Transform):
     def separate_labels(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
         """``img`` with touching instances separated (:func:`separate_instances`), same type/dtype/meta."""
         arr = self._channels(img)
-        out = np.stack([separate_instances(ch, self.connectivity) for ch in arr])
+        out = np.stack([separate_instances(ch, self.connectivity, self.gap_width) for ch in arr])
         return convert_to_dst_type(out, img)[0]
 
     def __call__(self, img: NdarrayOrTensor, separate: bool | None = None) -> NdarrayOrTensor:
@@ -288,6 +306,7 @@ class UNetWeightMap(Transform):
                     self.connectivity,
                     self.sampling,
                     self.tolerance,
+                    self.gap_width,
                 )
                 for ch in arr
             ]
@@ -331,6 +350,7 @@ class UNetWeightMapd(MapTransform):
         tolerance: float = 1e-4,
         update_label: bool = True,
         allow_missing_keys: bool = False,
+        gap_width: int = 1,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         weight_keys = (weight_key,) if isinstance(weight_key, str) else tuple(weight_key)
@@ -338,7 +358,9 @@ class UNetWeightMapd(MapTransform):
             raise ValueError(f"need one weight_key per key: keys={self.keys}, weight_key={weight_keys}")
         self.weight_keys = weight_keys
         self.update_label = update_label
-        self.transform = UNetWeightMap(w0, sigma, class_weights, separate, connectivity, sampling, tolerance)
+        self.transform = UNetWeightMap(
+            w0, sigma, class_weights, separate, connectivity, sampling, tolerance, gap_width
+        )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
