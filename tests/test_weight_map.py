@@ -115,6 +115,20 @@ def test_separation_leaves_no_touching_instances(cells_2d: np.ndarray) -> None:
     assert np.count_nonzero(separate_instances(cells_2d, 1)) > np.count_nonzero(sep)
 
 
+def test_wider_gap_on_two_touching_rectangles() -> None:
+    lab = np.zeros((7, 13), np.int32)
+    lab[1:6, 1:6], lab[1:6, 6:12] = 1, 2
+    np.testing.assert_array_equal(np.flatnonzero(separate_instances(lab)[3] == 0), [0, 6, 12])
+    sep3 = separate_instances(lab, gap_width=3)
+    np.testing.assert_array_equal(np.flatnonzero(sep3[3] == 0), [0, 5, 6, 7, 12])  # columns 5-7: 3 px
+    sep5 = separate_instances(lab, gap_width=5)
+    np.testing.assert_array_equal(np.flatnonzero(sep5[3] == 0), [0, 4, 5, 6, 7, 8, 12])
+    # a one-pixel cell between two others, which a 5-px gap would erase, keeps its 1-px separation
+    dot = np.zeros((7, 13), np.int32)
+    dot[1:6, 1:6], dot[1:6, 7:12], dot[3, 6] = 2, 3, 1
+    assert (separate_instances(dot, gap_width=5) == 1).sum() == 1
+
+
 def test_wider_gap_removes_both_sides_of_the_one_pixel_gap(cells_2d: np.ndarray) -> None:
     one = separate_instances(cells_2d)
     gap = (cells_2d > 0) & (one == 0)

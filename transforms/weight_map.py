@@ -73,7 +73,7 @@ def _shift_slices(off: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, .
 
 
 def separate_instances(labels: np.ndarray, connectivity: int | None = None, gap_width: int = 1) -> np.ndarray:
-    """Separate touching instances by a 1-px background gap (spatial array, no channel axis).
+    """Separate touching instances by a 1-px (or ``gap_width``) background gap (no channel axis).
 
     Of every pair of neighbouring foreground pixels with different instance ids, the pixel with the
     larger id is set to 0 (decided on the original labels, in one pass); every other pixel keeps its
@@ -89,9 +89,11 @@ def separate_instances(labels: np.ndarray, connectivity: int | None = None, gap_
             the instances are also separate 8-/26-connected components. After the call no two different
             instances are neighbours in this connectivity.
         gap_width: odd width of the gap in pixels. Wider gaps (3, 5, ...) also remove the instance pixels
-            within ``(gap_width - 1) / 2`` steps (in ``connectivity``) of the 1-px gap, on both sides: a
-            wider target gap between touching cells, given back to the cells when instances are grown
-            into the foreground at inference. A cell the wider gap would erase keeps its 1-px separation.
+            within ``(gap_width - 1) / 2`` steps (in ``connectivity``) of the 1-px gap, on both sides.
+            A cell the wider gap would erase keeps its 1-px separation. The ``fill_gaps`` of
+            :class:`medseg.transforms.LabelInstances` gives back 1-px gaps only; wider ones need the
+            instances grown back into the foreground (e.g. ``skimage.segmentation.expand_labels``
+            within a foreground mask).
 
     Returns:
         A new integer array (the input's dtype for integer input).
