@@ -146,6 +146,9 @@ def test_wider_gap_removes_both_sides_of_the_one_pixel_gap(cells_2d: np.ndarray)
         assert set(np.unique(sep)) == set(np.unique(cells_2d))  # no instance vanished
     with pytest.raises(ValueError, match="gap_width"):
         separate_instances(cells_2d, gap_width=2)
+    for bad in (0, 2, 4, 3.5, "3", True):  # refused when the transform is built, before any sample
+        with pytest.raises(ValueError, match="gap_width"):
+            UNetWeightMapd(keys="label", gap_width=bad)
     # the weight map's labels follow the same separation
     w = UNetWeightMapd(keys="label", gap_width=3)({"label": cells_2d[None]})
     np.testing.assert_array_equal(np.asarray(w["label"])[0], separate_instances(cells_2d, gap_width=3))

@@ -72,6 +72,15 @@ def _shift_slices(off: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, .
     return here, there
 
 
+def _check_gap_width(gap_width: int) -> int:
+    """``gap_width`` as an int; a clear error unless it is an odd integer >= 1."""
+    if isinstance(gap_width, (bool, np.bool_)) or not isinstance(gap_width, (int, np.integer)):
+        raise ValueError(f"gap_width must be an odd integer >= 1, got {gap_width!r}")
+    if gap_width < 1 or gap_width % 2 == 0:
+        raise ValueError(f"gap_width must be an odd integer >= 1, got {gap_width}")
+    return int(gap_width)
+
+
 def separate_instances(labels: np.ndarray, connectivity: int | None = None, gap_width: int = 1) -> np.ndarray:
     """Separate touching instances by a 1-px (or ``gap_width``) background gap (no channel axis).
 
@@ -103,8 +112,7 @@ def separate_instances(labels: np.ndarray, connectivity: int | None = None, gap_
     connectivity = ndim if connectivity is None else int(connectivity)
     if not 1 <= connectivity <= ndim:
         raise ValueError(f"connectivity must be in [1, {ndim}], got {connectivity}")
-    if gap_width < 1 or gap_width % 2 == 0:
-        raise ValueError(f"gap_width must be an odd number >= 1, got {gap_width}")
+    gap_width = _check_gap_width(gap_width)
     remove = np.zeros(arr.shape, dtype=bool)
     for off in _preceding_offsets(ndim, connectivity):  # each neighbour pair once
         here, there = _shift_slices(off)
@@ -278,7 +286,7 @@ class UNetWeightMap(Transform):
         self.connectivity = connectivity
         self.sampling = sampling
         self.tolerance = float(tolerance)
-        self.gap_width = int(gap_width)
+        self.gap_width = _check_gap_width(gap_width)  # a bad config value fails here, not on the first sample
 
     @staticmethod
     def _channels(img: NdarrayOrTensor) -> np.ndarray:
