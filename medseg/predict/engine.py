@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from medseg.bundle import BundleError, load_weights, network_io, read_metadata
+from medseg.networks.batch_norm_folding import fold_batch_norm
 from medseg.precision import Precision, resolve_precision
 from medseg.predict.discovery import Case, discover_cases, fingerprint, select_shard, shard_from_env
 from medseg.predict.errors import CaseError, SetupError, error_text
@@ -146,6 +147,9 @@ class BatchPredictor:
         self.network = network.to(self.device).eval()
         ckpt_hash = load_checkpoint(self.network, checkpoint) if checkpoint is not None else "untrained"
         self.checkpoint_sha256 = ckpt_hash
+        folded = copy.deepcopy(self.network)  # the caller's network keeps its layers
+        if fold_batch_norm(folded):
+            self.network = folded
         try:
             self.precision = resolve_precision(precision, self.device)
         except ValueError as e:
