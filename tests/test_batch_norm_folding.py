@@ -21,8 +21,9 @@ def _randomise_batch_norms(net: nn.Module, seed: int = 0) -> int:
             c = m.num_features
             m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
             m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
-            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(c, generator=g) - 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.data.copy_(torch.rand(c, generator=g) - 0.5)
             n += 1
     return n
 
@@ -101,3 +102,17 @@ def test_prediction_engine_folds_a_copy(tmp_path: Path) -> None:
     x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(engine.network(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_transposed_convolutions_and_norms_without_affine_parameters_are_folded() -> None:
+    seq = nn.Sequential(
+        nn.ConvTranspose2d(2, 3, 2, stride=2), nn.BatchNorm2d(3), nn.ReLU(),
+        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, affine=False),
+    )  # fmt: skip
+    _randomise_batch_norms(seq.eval())
+    x = torch.randn(2, 2, 9, 9, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = seq(x)
+        assert fold_batch_norm(seq) == 2
+        torch.testing.assert_close(seq(x), ref, rtol=1e-5, atol=1e-5)
+    assert isinstance(seq[0], nn.ConvTranspose2d) and isinstance(seq[4], nn.Identity)
