@@ -199,10 +199,11 @@ def cpu_bf16_support() -> tuple[bool, str]:
     """Whether this CPU computes bf16 natively (fast), and why: ``(supported, reason)``.
 
     ``MEDSEG_CPU_BF16=1``/``0`` forces the answer. Otherwise torch's report (oneDNN present and bf16
-    supported by it, on an AVX-512 or AMX capable CPU) is confirmed by the CPU's ``avx512_bf16`` /
-    ``amx_bf16`` flags where the OS reports them (Linux), else by a timed probe (a few ms), since oneDNN
-    also "supports" bf16 by emulation on AVX-512 CPUs without the BF16 extension, which is slower than
-    fp32. In a distributed (gloo) run the ranks agree on one answer.
+    supported by it, on an AVX-512 or AMX capable CPU) must be confirmed: a CPU without the
+    ``avx512_bf16`` / ``amx_bf16`` flags (where the OS reports them: Linux) emulates bf16, which is slower
+    than fp32; with them, or without a flag list, a timed probe (a few ms) must find bf16 at least 1.3x
+    faster, since some CPUs with the instructions but no AMX run bf16 convolutions slower than fp32.
+    In a distributed (gloo) run the ranks agree on one answer.
     """
     forced = os.environ.get(ENV_CPU_BF16, "").strip().lower()
     if forced in ("1", "true", "yes", "on"):
@@ -219,12 +220,15 @@ def cpu_bf16_support() -> tuple[bool, str]:
     if not reported or "AVX512" not in capability.upper():
         return False, f"torch reports no oneDNN bf16 support (CPU capability {capability})"
     flags = _cpu_flags()
-    if flags is not None:  # the hardware's own answer: deterministic, unlike a timing on a busy machine
-        native = sorted(flags & {"avx512_bf16", "amx_bf16"})
-        reason = f"CPU flags {', '.join(native)}" if native else "no avx512_bf16/amx_bf16 CPU flag"
-        ok = bool(native)
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"}) if flags is not None else []
+    if flags is not None and not native:  # no bf16 instructions: emulated, no timing needed
+        ok, reason = False, "no avx512_bf16/amx_bf16 CPU flag"
     else:
+        # the instructions alone do not make bf16 faster: some AVX-512 BF16 CPUs without AMX run
+        # oneDNN's bf16 convolutions slower than fp32, so the timed probe has the last word
         ok, reason = _probe_cpu_bf16()
+        if native:
+            reason = f"CPU flags {', '.join(native)}; {reason}"
     agreed = _agree_across_ranks(ok)
     if agreed != ok:
         reason += "; another process of this distributed run found no native bf16"

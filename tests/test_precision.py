@@ -85,19 +85,27 @@ def test_detection_needs_torch_report_and_probe(bf16_cpu, monkeypatch: pytest.Mo
     assert cpu_bf16_support() == (False, "oneDNN (mkldnn) is not available in this torch build")
 
 
-def test_cpu_flags_decide_without_timing(bf16_cpu, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the OS lists the CPU's flags, ``avx512_bf16`` / ``amx_bf16`` decide (the same answer on a busy
-    machine, so the resume key of ``medseg predict`` with ``auto`` does not flip between runs)."""
+def test_cpu_flags_rule_out_and_the_probe_confirms(bf16_cpu, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the ``avx512_bf16`` / ``amx_bf16`` flags bf16 is emulated: no timing. With them the timed
+    probe decides, since the instructions alone do not make oneDNN's bf16 convolutions faster."""
     if "AVX512" not in torch.backends.cpu.get_cpu_capability().upper():
         pytest.skip("needs an AVX-512 CPU (torch reports bf16 support only there)")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
-    monkeypatch.setattr(
-        mp, "_probe_cpu_bf16", lambda: pytest.fail("timed probe run although flags are known")
-    )
-    for flags, native in (({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True), ({"avx512f"}, False)):
-        bf16_cpu(None)
-        monkeypatch.setattr(mp, "_cpu_flags", lambda f=flags: set(f))
-        assert cpu_bf16_support()[0] is native
+    bf16_cpu(None)
+    monkeypatch.setattr(mp, "_cpu_flags", lambda: {"avx512f"})
+    monkeypatch.setattr(mp, "_probe_cpu_bf16", lambda: pytest.fail("timed probe run without bf16 flags"))
+    assert cpu_bf16_support() == (False, f"CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+                                  "no avx512_bf16/amx_bf16 CPU flag")  # fmt: skip
+    for flags in ({"avx512f", "avx512_bf16"}, {"amx_bf16"}):
+        for fast in (True, False):
+            bf16_cpu(None)
+            monkeypatch.setattr(mp, "_cpu_flags", lambda f=flags: set(f))
+            ratio = "2.5x" if fast else "0.5x"
+            probe = (fast, f"probe: bf16 convolution {ratio}")
+            monkeypatch.setattr(mp, "_probe_cpu_bf16", lambda p=probe: p)
+            ok, reason = cpu_bf16_support()
+            assert ok is fast and sorted(flags - {"avx512f"})[0] in reason and ratio in reason
+            assert resolve_precision("auto", "cpu").name == ("bf16" if fast else "fp32")
     real = mp._cpu_flags()
     assert real is None or isinstance(real, set)
 
