@@ -116,3 +116,14 @@ def test_transposed_convolutions_and_norms_without_affine_parameters_are_folded(
         assert fold_batch_norm(seq) == 2
         torch.testing.assert_close(seq(x), ref, rtol=1e-5, atol=1e-5)
     assert isinstance(seq[0], nn.ConvTranspose2d) and isinstance(seq[4], nn.Identity)
+
+
+def test_a_grouped_transposed_convolution_keeps_its_batch_norm() -> None:
+    seq = nn.Sequential(nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), nn.BatchNorm2d(6))
+    _randomise_batch_norms(seq.eval())
+    x = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = seq(x)
+        assert fold_batch_norm(seq) == 0
+        torch.testing.assert_close(seq(x), ref, rtol=0, atol=0)
+    assert len(_batch_norms(seq)) == 1

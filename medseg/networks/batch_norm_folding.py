@@ -22,7 +22,8 @@ def fold_batch_norm(network: nn.Module) -> int:
     The convolution is replaced by the folded one and the batch norm by ``nn.Identity``, so the
     network's outputs are unchanged (up to rounding) but its ``state_dict`` no longer matches the
     unfolded network's: load weights first, then fold. Batch norms without running statistics
-    (``track_running_stats=False`` normalise by the batch even in eval mode) are left as they are.
+    (``track_running_stats=False`` normalise by the batch even in eval mode) and those after a grouped
+    transposed convolution are left as they are.
 
     Returns:
         the number of batch norms folded.
@@ -39,9 +40,10 @@ def fold_batch_norm(network: nn.Module) -> int:
             conv, bn = seq._modules[a], seq._modules[b]
             if not (isinstance(conv, _ConvNd) and isinstance(bn, _BatchNorm)) or bn.running_mean is None:
                 continue
-            if bn.num_features != conv.out_channels:
-                continue
-            seq._modules[a] = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, _ConvTransposeNd))
+            transpose = isinstance(conv, _ConvTransposeNd)
+            if bn.num_features != conv.out_channels or (transpose and conv.groups > 1):
+                continue  # fuse_conv_bn_eval scales a transposed weight per group, not per output channel
+            seq._modules[a] = fuse_conv_bn_eval(conv, bn, transpose=transpose)
             seq._modules[b] = nn.Identity()
             folded += 1
     return folded
