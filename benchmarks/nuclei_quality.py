@@ -109,7 +109,7 @@ def main() -> None:
         action="extend",
         default=[],
         metavar="ID=JSON",
-        help="inference config overrides, e.g. tile_inferer#flip_tta=true target_diameter=19.7",
+        help='inference config overrides, e.g. flip_members="both" target_diameter=19.7',
     )
     ap.add_argument("--quiet", action="store_true", help="no per-image lines")
     ap.add_argument("--json", default=None)

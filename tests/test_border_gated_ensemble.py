@@ -116,3 +116,68 @@ def test_scripts_with_torchscript() -> None:
     x = torch.rand(1, 1, 44, 44)
     with torch.no_grad():
         assert torch.equal(torch.jit.script(net)(x), net(x))
+
+
+class _Counting(nn.Module):
+    """Wraps a network and counts its forward passes."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.net(x)
+
+
+@pytest.mark.parametrize("axes", [[0], [0, 1]])
+def test_border_flips_average_only_the_border_networks_mirrored_logits(axes: list[int]) -> None:
+    a, b = _Counting(_unet(0).eval()), _Counting(_unet(1).eval())
+    net = BorderGatedEnsemble(a, b, gate=0.35, border_flip_axes=axes).eval()
+    x = torch.rand(2, 1, 60, 76)
+    dims = [[2 + d for d in c] for c in ([[0]] if axes == [0] else [[0], [1], [0, 1]])]
+    with torch.no_grad():
+        q = torch.softmax(net(x), 1)[:, 1:]
+        assert (a.calls, b.calls) == (1 + len(dims), 1)  # the plain network runs once
+        logits = a.net(x) + sum(torch.flip(a.net(torch.flip(x, d)), d) for d in dims)
+        pa = torch.softmax(logits / (1 + len(dims)), 1)[:, 1:]
+        pb = torch.softmax(b.net(x), 1)[:, 1:]
+        single = torch.softmax(BorderGatedEnsemble(a.net, b.net).eval()(x), 1)[:, 1:]
+    assert torch.allclose(q, torch.minimum((pa + pb) / 2, pa * (0.5 / 0.35)), atol=1e-6)
+    assert (q - single).abs().max() > 1e-3  # the mirrored passes change the output
+
+
+def test_border_flips_keep_the_channels_last_layout_and_script() -> None:
+    seen: list[bool] = []
+    wide = BorderGatedEnsemble(_unet2(0), _unet2(1), border_flip_axes=[0]).eval()
+    wide.border_net.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    net = BorderGatedEnsemble(_unet(0), _unet(1), border_flip_axes=[1]).eval()
+    x = torch.rand(1, 1, 60, 60)
+    with torch.no_grad():
+        wide(torch.rand(1, 2, 60, 60).contiguous(memory_format=torch.channels_last))
+        assert torch.equal(torch.jit.script(net)(x), net(x))
+    assert seen == [True, True]  # the mirrored pass of a 2-channel input stays channels-last
+
+
+def _unet2(seed: int) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(
+        spatial_dims=2, in_channels=2, out_channels=2, features=4, depth=2, padding="valid", norm="batch"
+    )
+
+
+def test_border_flips_are_eval_only_and_checked() -> None:
+    a, b = _unet(0), _unet(1)
+    net = BorderGatedEnsemble(a, b, border_flip_axes=[0]).train()
+    x = torch.rand(2, 1, 44, 44)
+    torch.manual_seed(0)
+    out = net(x)
+    torch.manual_seed(0)
+    assert torch.equal(out, torch.cat([a(x), b(x)], dim=1))  # training: the raw logits, no mirrored pass
+    with pytest.raises(ValueError, match="spatial axes"):
+        BorderGatedEnsemble(_unet(0), _unet(1), border_flip_axes=[-1])
+    with pytest.raises(ValueError, match="out of range"), torch.no_grad():
+        BorderGatedEnsemble(_unet(0), _unet(1), border_flip_axes=[2]).eval()(x)

@@ -492,40 +492,60 @@ def test_shipped_object_probability_filter_removes_background_objects_on_real_im
 @pytest.mark.skipif(
     not (DSB.is_dir() and (BUNDLE / "models" / "model.pt").is_file()), reason="needs the DSB 2018 images"
 )
-def test_shipped_test_time_flips_make_the_prediction_mirror_equivariant() -> None:
-    """The bundle averages the logits over mirrorings of ``flip_axes`` (``flip_tta``): mirroring a real field
-    along those axes before prediction then mirrors the prediction, up to fp32 rounding; a single pass is not
-    equivariant. Computed in fp32 on a crop of a valid output size, so that nothing but rounding can tell the
-    two apart."""
+def test_shipped_test_time_mirroring_of_the_border_network() -> None:
+    """The bundle mirrors the border network's input along ``flip_axes`` (``flip_members: "border"``): its
+    logits are averaged over the mirrorings inside the ensemble, exactly as the inferer's ``flip_tta``
+    averages that network alone, and the plain network runs once. ``flip_members: "both"`` mirrors the whole
+    ensemble in the inferer instead, which makes the prediction mirror-equivariant; one pass is not.
+    Computed in fp32 on a crop of a valid output size, so that nothing but rounding can tell them apart."""
     from monai.bundle import ConfigParser
 
     from medseg.bundle import load_weights
+    from medseg.inferers import OverlapTileInferer
 
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
-    parser["bundle_root"] = str(BUNDLE)
-    parser["precision"] = "fp32"
-    assert parser.get_parsed_content("flip_tta") is True
-    dims = tuple(2 + int(a) for a in parser.get_parsed_content("flip_axes"))  # spatial axis -> NCHW dim
-    assert dims
-    net = parser.get_parsed_content("network_def")
-    load_weights(net, BUNDLE / "models" / "model.pt")
-    net = parser.get_parsed_content("precision_plan").prepare(net.eval())
+    def build(**overrides: object) -> tuple[torch.nn.Module, object, ConfigParser]:
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+        parser["bundle_root"] = str(BUNDLE)
+        parser["precision"] = "fp32"
+        for k, v in overrides.items():
+            parser[k] = v
+        net = parser.get_parsed_content("network_def")
+        load_weights(net, BUNDLE / "models" / "model.pt")
+        net = parser.get_parsed_content("precision_plan").prepare(net.eval())
+        return net, parser.get_parsed_content("tile_inferer", instantiate=True, lazy=False), parser
+
+    net, infer, parser = build()
+    assert parser.get_parsed_content("flip_tta") is True and parser["flip_members"] == "border"
+    axes = [int(a) for a in parser.get_parsed_content("flip_axes")]
+    dims = tuple(2 + a for a in axes)  # spatial axis -> NCHW dim
+    assert net.border_flips == [list(dims)] and infer.flip_tta is False
     image = DSB / "images" / "2f929b067a59f885.png"  # validation split, 52 touching nuclei
     x = parser.get_parsed_content("preprocessing")({"image": str(image)})["image"][None].float()
     # 252 = 8 * 31 + 4, a valid output size: one tile whose mirrored context is symmetric, so a mirrored image
     # meets the max-pooling grid in the same phase (any other size is padded at one end only)
     x = x[..., :252, :252]
-    gaps = {}
-    for flips in (True, False):
-        parser["tile_inferer"]["flip_tta"] = flips
-        infer = parser.get_parsed_content("tile_inferer", instantiate=True, lazy=False)
-        assert infer.flip_tta is flips
+    with torch.no_grad():
+        shipped = infer(x, net).float()
+        member = OverlapTileInferer(infer.roi_size, precision="fp32", flip_tta=True, flip_axes=axes)
+        pa = torch.softmax(member(x, net.border_net).float(), 1)[:, 1:]
+        single = OverlapTileInferer(infer.roi_size, precision="fp32")
+        pb = torch.softmax(single(x, net.plain_net).float(), 1)[:, 1:]
+    q = torch.softmax(shipped, 1)[:, 1:]
+    assert (q - torch.minimum((pa + pb) / 2, pa * (0.5 / net.gate))).abs().max() < 1e-4
+    gaps, labels = {}, {}
+    for setting in ("both", "off"):
+        net_s, infer_s, _ = build(flip_members="both") if setting == "both" else build(flip_tta=False)
+        assert infer_s.flip_tta is (setting == "both") and net_s.border_flips == []
         with torch.no_grad():
-            y = infer(x, net).float()
-            y_mirrored = torch.flip(infer(torch.flip(x, dims), net).float(), dims)
+            y = infer_s(x, net_s).float()
+            y_mirrored = torch.flip(infer_s(torch.flip(x, dims), net_s).float(), dims)
+        labels[setting] = y.argmax(1)
         disagree = (y.argmax(1) != y_mirrored.argmax(1)).float().mean().item()
-        gaps[flips] = (y - y_mirrored).abs().max().item(), disagree
+        gaps[setting] = (y - y_mirrored).abs().max().item(), disagree
     # (largest logit difference, fraction of pixels whose class differs)
-    assert gaps[True][0] < 1e-3 and gaps[False][0] > 0.1, gaps
-    assert gaps[True][1] < 1e-4 and gaps[False][1] > 1e-3, gaps
+    assert gaps["both"][0] < 1e-3 and gaps["off"][0] > 0.1, gaps
+    assert gaps["both"][1] < 1e-4 and gaps["off"][1] > 1e-3, gaps
+    # mirroring the border network alone gives nearly the classes of mirroring both
+    moved = {k: (shipped.argmax(1) != v).float().mean().item() for k, v in labels.items()}
+    assert moved["both"] < moved["off"], moved

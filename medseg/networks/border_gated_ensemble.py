@@ -10,11 +10,17 @@ probability is
 
 so ``q > 0.5`` exactly where the mean exceeds 0.5 *and* the border network's own probability
 exceeds ``gate``; elsewhere ``q`` is the mean probability (it scores the objects).
+
+Test-time mirroring (nnU-Net's) can be given to the border network alone (``border_flip_axes``): its
+logits are averaged over the mirrorings before the combination, while the plain network, whose
+foreground only fills the mean, runs once.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from typing import List  # noqa: UP035 - TorchScript needs typing.List in annotations
 
 import torch
 from torch import nn
@@ -38,14 +44,29 @@ class BorderGatedEnsemble(nn.Module):
         border: the network trained with the weight map's border term.
         plain: the same architecture trained without it.
         gate: the border network's foreground probability below which a pixel stays background.
+        border_flip_axes: spatial axes (0-based) along which the border network's input is also mirrored
+            in eval mode, its logits averaged over all mirrorings of these axes (2 passes for one axis, 4
+            for two); ``None`` or empty: one pass. Mirroring the whole ensemble instead is the inferer's
+            ``flip_tta``.
     """
 
     __jit_unused_properties__ = ["border", "size_divisor"]
+    # real types, not strings, for TorchScript; border_flips: the tensor dims of each extra mirrored pass
+    __annotations__ = {"border_flip_axes": List[int], "border_flips": List[List[int]]}  # noqa: RUF012, UP006
 
-    def __init__(self, border: nn.Module, plain: nn.Module, gate: float = 0.35) -> None:
+    def __init__(
+        self,
+        border: nn.Module,
+        plain: nn.Module,
+        gate: float = 0.35,
+        border_flip_axes: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         if not 0.0 < gate <= 0.5:
             raise ValueError(f"gate must be in (0, 0.5], got {gate}")
+        axes = sorted({int(a) for a in (border_flip_axes or ())})
+        if any(a < 0 for a in axes):
+            raise ValueError(f"border_flip_axes must be spatial axes >= 0, got {axes}")
         for name in ("border", "size_divisor"):
             a, b = getattr(border, name, None), getattr(plain, name, None)
             if a != b:
@@ -53,9 +74,32 @@ class BorderGatedEnsemble(nn.Module):
         self.border_net = border
         self.plain_net = plain
         self.gate = float(gate)
+        self.border_flip_axes = axes
+        self.border_flips = [
+            [2 + a for a in c] for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)
+        ]
+
+    def _border_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The border network's logits, averaged (in fp32) over the mirrorings of ``border_flip_axes``."""
+        a = self.border_net(x)
+        if self.training or len(self.border_flips) == 0:
+            return a
+        if x.dim() - 2 <= max(self.border_flip_axes):
+            raise ValueError(f"border_flip_axes {self.border_flip_axes} out of range for input {x.shape}")
+        # keep the input's layout (torch.flip returns a contiguous tensor; oneDNN runs channels-last)
+        fmt = torch.contiguous_format
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            fmt = torch.channels_last
+        elif x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            fmt = torch.channels_last_3d
+        acc = a.float()
+        for dims in self.border_flips:
+            xf = torch.flip(x, dims).contiguous(memory_format=fmt)
+            acc = acc + torch.flip(self.border_net(xf), dims).float()
+        return acc / float(len(self.border_flips) + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.border_net(x)
+        a = self._border_logits(x)
         b = self.plain_net(x)
         if self.training:
             return torch.cat([a, b], dim=1)
