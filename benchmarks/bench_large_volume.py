@@ -7,7 +7,8 @@ prints the child's peak resident memory (``ru_maxrss``) against the size of the 
 the report's stage times (load + preprocess, inference, post-processing + writing).
 ``--train`` first trains a copy of the bundle on the sample CT volumes (smooth masks, as a real model's;
 random weights give noise masks, the worst case for the writer's compression).
-Run: ``python benchmarks/bench_large_volume.py [--size 512 512 1000] [--keep DIR] [--train]``.
+Run: ``python benchmarks/bench_large_volume.py [--size 512 512 1000] [--keep DIR] [--train]
+[--memory retain]``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def main() -> None:
     ap.add_argument("--bundle", default=str(ROOT / "bundles" / "unet_ct_3d"))
     ap.add_argument("--keep", default=None, help="folder to keep the generated volume and outputs in")
     ap.add_argument("--train", action="store_true", help="first train a copy of the bundle on the sample CT")
+    ap.add_argument("--memory", default="bundle", help="medseg predict --memory: bundle, retain or release")
     args = ap.parse_args()
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="bench_large_"))
     (tmp / "in").mkdir(parents=True, exist_ok=True)
@@ -103,6 +105,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "medseg", "predict", "--bundle", str(bundle), "--input", str(tmp / "in"),
            "--output", str(out), "--no-progress", *extra]  # fmt: skip
+    cmd += ["--memory", args.memory]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     wall = time.perf_counter() - t0

@@ -26,6 +26,7 @@ _LAZY: dict[str, str] = {
     "Precision": "medseg.precision",
     "resolve_precision": "medseg.precision",
     "prepare_network": "medseg.precision",
+    "retain_freed_memory": "medseg.allocator",
     "DicomReader": "medseg.data",
     "MatReader": "medseg.data",
     "ReadError": "medseg.data",

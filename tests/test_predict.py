@@ -452,3 +452,61 @@ def test_channel_argmax_equals_torch_argmax(channels: int) -> None:
             out = channel_argmax(x, dim=dim, keepdim=keepdim)
             ref = torch.argmax(x, dim=dim, keepdim=keepdim)
             assert out.dtype == ref.dtype and torch.equal(out, ref)
+
+
+def test_memory_policy_holds_for_the_run_only(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``retain_freed_memory``: the run keeps freed memory (``medseg.allocator``) and the default policy is
+    restored when it ends, also when it fails; the bundle's config id sets it, an argument overrides it."""
+    import medseg.predict.engine as engine
+
+    calls: list[bool] = []
+    monkeypatch.setattr(engine, "retain_freed_memory", lambda enable=True: calls.append(enable) or True)
+    override = tmp_path / "retain.json"
+    override.write_text('{"retain_freed_memory": true}')
+    configs = [*_configs(bundle), str(override)]
+    plain = BatchPredictor.from_bundle(bundle, tmp_path / "a", config_file=_configs(bundle))
+    assert plain.retain_freed_memory is False
+    predictor = BatchPredictor.from_bundle(bundle, tmp_path / "b", config_file=configs, progress=False)
+    assert predictor.retain_freed_memory is True
+    explicit = BatchPredictor.from_bundle(
+        bundle, tmp_path / "c", config_file=configs, retain_freed_memory=False, progress=False
+    )
+    assert explicit.retain_freed_memory is False
+
+    seen: list[list[bool]] = []
+    real_run = predictor._run
+    monkeypatch.setattr(predictor, "_run", lambda *a: seen.append(list(calls)) or real_run(*a))
+    rows = predictor.run(CT / "images" / "case_001.nii.gz")
+    assert [r.status for r in rows] == ["ok"]
+    assert seen == [[True]] and calls == [True, False]  # retained while the cases ran, then restored
+
+    calls.clear()
+    monkeypatch.setattr(predictor, "_run", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        predictor.run(CT / "images")
+    assert calls == [True, False]
+    calls.clear()
+    explicit.run(CT / "images" / "case_001.nii.gz")
+    assert calls == []  # off: the policy is left alone
+
+
+def test_cli_memory_option_overrides_the_bundle(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medseg.cli import main
+    from medseg.predict.engine import SetupError
+
+    got: list[object] = []
+
+    def fake_from_bundle(*_a: object, **kw: object) -> None:
+        got.append(kw["retain_freed_memory"])
+        raise SetupError("stop here")
+
+    monkeypatch.setattr(BatchPredictor, "from_bundle", fake_from_bundle)
+    for policy in ("bundle", "retain", "release"):
+        argv = ["predict", "--bundle", str(bundle), "--input", str(CT / "images"),
+                "--output", str(tmp_path / "o"), "--memory", policy]  # fmt: skip
+        assert main(argv) == 2
+    assert got == [None, True, False]

@@ -89,6 +89,14 @@ def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
+        "--memory",
+        choices=("bundle", "retain", "release"),
+        default="bundle",
+        help="retain: keep freed memory in the process during the run (glibc), so forward passes over large "
+        "images reuse their pages (faster; the process holds its peak until the run ends); release: the C "
+        "library's default; bundle (default): the bundle's retain_freed_memory setting, else release",
+    )
+    p.add_argument(
         "--merge-reports",
         action="store_true",
         help="only merge OUTPUT/report.shard-*-of-*.json into report.json/.csv",
@@ -191,6 +199,7 @@ def run_predict(args: argparse.Namespace) -> int:
             shard=shard,
             min_tile_fraction=args.min_tile_fraction,
             progress=not args.no_progress,
+            retain_freed_memory={"retain": True, "release": False}.get(args.memory),
         )
     except (SetupError, OSError) as e:
         print(f"medseg predict: {e}", file=sys.stderr)

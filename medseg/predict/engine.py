@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from medseg.allocator import retain_freed_memory
 from medseg.bundle import BundleError, load_weights, network_io, read_metadata
 from medseg.networks.batch_norm_folding import fold_batch_norm
 from medseg.precision import Precision, resolve_precision
@@ -107,6 +108,11 @@ class BatchPredictor:
         config_digest: text folded into the model key (the bundle config), so a changed pipeline redoes
             finished cases.
         progress: show a tqdm progress bar.
+        retain_freed_memory: keep freed memory in the process while :meth:`run` runs
+            (:func:`medseg.allocator.retain_freed_memory`, glibc): forward passes over large images then
+            reuse their pages instead of faulting them in again, and the process holds its peak memory until
+            the run ends, when the C library's default policy is restored. A bundle sets it with the config
+            id ``retain_freed_memory``.
     """
 
     def __init__(
@@ -135,6 +141,7 @@ class BatchPredictor:
         pred_key: str = "pred",
         instance_key: str = "instances",
         summary: Mapping[str, Any] | None = None,
+        retain_freed_memory: bool = False,
     ) -> None:
         bad = [f for f in formats if f not in FORMATS]
         if bad:
@@ -168,6 +175,7 @@ class BatchPredictor:
         self.progress = progress
         self.image_key, self.pred_key, self.instance_key = image_key, pred_key, instance_key
         self.summary = dict(summary or {})
+        self.retain_freed_memory = bool(retain_freed_memory)
         self.model_key = hashlib.sha256(
             json.dumps([ckpt_hash, config_digest, self.formats, overlays, self.precision.name]).encode()
         ).hexdigest()
@@ -227,6 +235,8 @@ class BatchPredictor:
             postprocessing = (
                 parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None
             )
+            if "retain_freed_memory" in parser and kwargs.get("retain_freed_memory") is None:
+                kwargs["retain_freed_memory"] = bool(parser.get_parsed_content("retain_freed_memory"))
             if "precision" in parser:
                 precision = parser.get_parsed_content("precision")
             else:  # a bundle with MONAI's boolean ``amp`` only: False keeps fp32
@@ -314,6 +324,18 @@ class BatchPredictor:
 
         Returns the rows (also in ``self.rows``); ``self.exit_code`` is 0 when none failed, else 1.
         """
+        retained = self.retain_freed_memory and retain_freed_memory(True)
+        try:
+            return self._run(source, cases)
+        finally:
+            if retained:
+                retain_freed_memory(False)
+
+    def _run(
+        self,
+        source: str | os.PathLike[str] | Sequence[str | os.PathLike[str] | dict],
+        cases: Sequence[Case] | None,
+    ) -> list[CaseResult]:
         from tqdm.auto import tqdm
 
         started = datetime.now(timezone.utc)
