@@ -44,8 +44,9 @@ def _faults(policy: str) -> tuple[bool, int]:
 def test_retained_memory_spares_the_page_faults_of_repeated_passes() -> None:
     retained, released = _faults("retain"), _faults("release")
     assert retained[0] and released[0]
-    # three passes allocate 3 x 2 x 64 MiB of activations: tens of thousands of fresh 4-KiB pages without it
-    assert released[1] > 20_000, released
+    # three passes allocate 3 x 2 x 64 MiB of activations, faulted in afresh without the policy (tens of
+    # thousands of 4-KiB pages; fewer, 2-MiB faults where transparent huge pages are always on)
+    assert released[1] > 100, released
     assert retained[1] < released[1] / 20, (retained, released)
 
 
