@@ -53,6 +53,14 @@ def test_folded_unet_gives_the_same_output(dims: int, padding: str, size: int) -
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+def _fold_and_compare(seq: nn.Module, x: torch.Tensor, folded: int, tol: float) -> None:
+    """Fold ``seq`` in place: ``folded`` batch norms go, and its output on ``x`` stays within ``tol``."""
+    with torch.no_grad():
+        ref = seq(x)
+        assert fold_batch_norm(seq) == folded
+        torch.testing.assert_close(seq(x), ref, rtol=tol, atol=tol)
+
+
 def test_both_networks_of_the_border_gated_pair_are_folded() -> None:
     torch.manual_seed(0)
     border, plain = (UNet(spatial_dims=2, padding="valid", **_KW) for _ in range(2))
@@ -81,10 +89,7 @@ def test_batch_statistics_norms_and_other_layers_are_left_alone() -> None:
         nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1),
     ).eval()  # fmt: skip
     x = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref = seq(x)
-        assert fold_batch_norm(seq) == 0
-        torch.testing.assert_close(seq(x), ref, rtol=0, atol=0)
+    _fold_and_compare(seq, x, folded=0, tol=0.0)
     assert len(_batch_norms(seq)) == 2
 
 
@@ -111,10 +116,7 @@ def test_transposed_convolutions_and_norms_without_affine_parameters_are_folded(
     )  # fmt: skip
     _randomise_batch_norms(seq.eval())
     x = torch.randn(2, 2, 9, 9, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        ref = seq(x)
-        assert fold_batch_norm(seq) == 2
-        torch.testing.assert_close(seq(x), ref, rtol=1e-5, atol=1e-5)
+    _fold_and_compare(seq, x, folded=2, tol=1e-5)
     assert isinstance(seq[0], nn.ConvTranspose2d) and isinstance(seq[4], nn.Identity)
 
 
@@ -122,8 +124,5 @@ def test_a_grouped_transposed_convolution_keeps_its_batch_norm() -> None:
     seq = nn.Sequential(nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), nn.BatchNorm2d(6))
     _randomise_batch_norms(seq.eval())
     x = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        ref = seq(x)
-        assert fold_batch_norm(seq) == 0
-        torch.testing.assert_close(seq(x), ref, rtol=0, atol=0)
+    _fold_and_compare(seq, x, folded=0, tol=0.0)
     assert len(_batch_norms(seq)) == 1
