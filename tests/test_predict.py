@@ -510,3 +510,9 @@ def test_cli_memory_option_overrides_the_bundle(
                 "--output", str(tmp_path / "o"), "--memory", policy]  # fmt: skip
         assert main(argv) == 2
     assert got == [None, True, False]
+    got.clear()
+    for policy in ("bundle", "retain", "release"):  # the DICOM listener takes the same option
+        argv = ["listen", "--bundle", str(bundle), "--ae-title", "MEDSEG", "--port", "0",
+                "--output", str(tmp_path / "l"), "--memory", policy]  # fmt: skip
+        assert main(argv) == 2
+    assert got == [None, True, False]

@@ -88,6 +88,18 @@ def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
         help="fail images below this fraction of the inference tile (default 0.25)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_memory_option(p)
+    p.add_argument(
+        "--merge-reports",
+        action="store_true",
+        help="only merge OUTPUT/report.shard-*-of-*.json into report.json/.csv",
+    )
+    p.set_defaults(func=run_predict)
+    return p
+
+
+def add_memory_option(p: argparse.ArgumentParser) -> None:
+    """``--memory {bundle,retain,release}``: the heap policy of the run (:mod:`medseg.allocator`)."""
     p.add_argument(
         "--memory",
         choices=("bundle", "retain", "release"),
@@ -96,13 +108,11 @@ def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
         "images reuse their pages (faster; the process holds its peak until the run ends); release: the C "
         "library's default; bundle (default): the bundle's retain_freed_memory setting, else release",
     )
-    p.add_argument(
-        "--merge-reports",
-        action="store_true",
-        help="only merge OUTPUT/report.shard-*-of-*.json into report.json/.csv",
-    )
-    p.set_defaults(func=run_predict)
-    return p
+
+
+def memory_policy(args: argparse.Namespace) -> bool | None:
+    """``retain_freed_memory`` for :meth:`BatchPredictor.from_bundle` (``None``: the bundle's setting)."""
+    return {"retain": True, "release": False}.get(args.memory)
 
 
 def _distributed_merge(output_dir: str) -> int | None:
@@ -199,7 +209,7 @@ def run_predict(args: argparse.Namespace) -> int:
             shard=shard,
             min_tile_fraction=args.min_tile_fraction,
             progress=not args.no_progress,
-            retain_freed_memory={"retain": True, "release": False}.get(args.memory),
+            retain_freed_memory=memory_policy(args),
         )
     except (SetupError, OSError) as e:
         print(f"medseg predict: {e}", file=sys.stderr)

@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Any
 
+from medseg.predict.command import add_memory_option, memory_policy
 from medseg.predict.pacs import Store, instance_file_name, series_case, series_case_id, store_rows
 
 __all__ = ["Listener", "add_listen_parser", "run_listen"]
@@ -261,6 +262,7 @@ def add_listen_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
     p.add_argument("--workers", type=int, default=0, help="loader threads (default 0: one series at a time)")
     p.add_argument("--store-retry", type=float, default=30.0, help="seconds between store retries")
+    add_memory_option(p)
     p.set_defaults(func=run_listen)
     return p
 
@@ -282,6 +284,7 @@ def run_listen(args: argparse.Namespace) -> int:
         predictor = BatchPredictor.from_bundle(
             args.bundle, args.output, config_file=args.config_file, checkpoint=args.ckpt, device=args.device,
             precision=args.precision, formats=formats, workers=args.workers, progress=False,
+            retain_freed_memory=memory_policy(args),
         )  # fmt: skip
         listener = Listener(
             predictor, args.ae_title, args.port, host=args.host, store=store,
