@@ -3,11 +3,14 @@
 ``unet_nuclei_2d`` mirrors the input of its border network only (``flip_members: "border"``: the
 ``BorderGatedEnsemble`` averages that network's logits over the mirrorings of ``flip_axes``, three passes
 per tile for one axis); ``flip_members: "both"`` mirrors the whole ensemble in the inferer (four passes),
-what the bundle did before. This runs the bundle's ``tile_inferer`` on one real 520x696 DSB 2018 field
-(or a random one without the data) with the shipped weights, folded batch norms and the bundle's
-precision as ``medseg predict`` runs them, the two settings interleaved within each repeat, and prints
-the median seconds, their ratio and how many pixels change class. Run:
-``python benchmarks/bench_nuclei_mirroring.py [--repeats 7] [--precision auto] [--json FILE]``.
+what the bundle did before; ``none`` turns the flips off (``configs/no_flips.json``: two passes). This
+runs the bundle's ``tile_inferer`` on one real 520x696 DSB 2018 field (or a random one without the data)
+with the shipped weights, folded batch norms and the bundle's precision as ``medseg predict`` runs them,
+the settings interleaved within each repeat, and prints the median seconds, their ratios to ``both``, how
+many pixels change class against the default (``border``), and the work per call
+(``torch.utils.flop_counter``) with the throughput it implies. Run:
+``python benchmarks/bench_nuclei_mirroring.py [--repeats 7] [--precision auto] [--settings border both none]
+[--json FILE]``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import torch
 from monai.bundle import ConfigParser
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,7 +42,10 @@ def build(members: str, precision: str) -> tuple[torch.nn.Module, object, torch.
     cp["bundle_root"] = str(BUNDLE)
     cp["device"] = "$torch.device('cpu')"
     cp["precision"] = precision
-    cp["flip_members"] = members
+    if members == "none":
+        cp["flip_tta"] = False
+    else:
+        cp["flip_members"] = members
     net = cp.get_parsed_content("network_def").eval()
     load_weights(net, BUNDLE / "models" / "model.pt")
     fold_batch_norm(net)
@@ -50,13 +57,25 @@ def build(members: str, precision: str) -> tuple[torch.nn.Module, object, torch.
     return net, cp.get_parsed_content("tile_inferer"), x
 
 
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """fp32 matrix-multiply throughput of this CPU, the ceiling for the convolutions' GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return repeats * 2 * n**3 / (time.perf_counter() - t) / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--settings", nargs="+", choices=("border", "both", "none"), default=["border", "both"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    runs = {m: build(m, args.precision) for m in ("border", "both")}
+    runs = {m: build(m, args.precision) for m in dict.fromkeys(["border", "both", *args.settings])}
     times: dict[str, list[float]] = {m: [] for m in runs}
     out: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
@@ -67,23 +86,35 @@ def main() -> None:
                 t = time.perf_counter()
                 inferer(x, net)
                 times[m].append(time.perf_counter() - t)
+        flops = {}
+        for m, (net, inferer, x) in runs.items():
+            with FlopCounterMode(display=False) as counter:
+                inferer(x, net)
+            flops[m] = counter.get_total_flops()
     med = {m: statistics.median(v) for m, v in times.items()}
-    changed = (out["border"].argmax(1) != out["both"].argmax(1)).float().mean().item()
+    changed = {m: (out[m].argmax(1) != out["border"].argmax(1)).float().mean().item() for m in runs}
     result = {
         "input": str(FIELD.name if FIELD.is_file() else "random 520x696"),
         "precision": args.precision,
         "median_s": med,
         "all_s": times,
         "speedup": med["both"] / med["border"],
-        "pixels_changing_class": changed,
+        "speedup_vs_both": {m: med["both"] / med[m] for m in runs},
+        "pixels_changing_class_vs_border": changed,
+        "gflop": {m: f / 1e9 for m, f in flops.items()},
+        "matmul_gflops_fp32": matmul_gflops(),
         "threads": torch.get_num_threads(),
     }
     n = result["threads"]
     print(f"{result['input']}, precision {args.precision}, {args.repeats} repeats, {n} threads")
-    print("| mirrored | median s | all s |\n|---|---|---|")
+    print("| mirrored | median s | all s | vs both | pixels changing class vs border | GFLOP | GFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
     for m in runs:
-        print(f"| {m} | {med[m]:.3f} | {', '.join(f'{v:.2f}' for v in times[m])} |")
-    print(f"border-only mirroring: {result['speedup']:.2f}x faster; pixels changing class: {changed:.2e}")
+        gf = flops[m] / 1e9
+        print(f"| {m} | {med[m]:.3f} | {', '.join(f'{v:.2f}' for v in times[m])} | "
+              f"{med['both'] / med[m]:.2f}x | {changed[m]:.2e} | {gf:.0f} | {gf / med[m]:.0f} |")  # fmt: skip
+    print(f"border-only mirroring: {result['speedup']:.2f}x faster than both; "
+          f"fp32 matmul on this CPU: {result['matmul_gflops_fp32']:.0f} GFLOP/s")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
