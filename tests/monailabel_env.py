@@ -88,11 +88,16 @@ def ensure_venv(timeout: float = 2400) -> Path:
         shutil.rmtree(VENV)
     CACHE.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=120)
+    # pip byte-compiles file by file; compileall's worker pool (-j 0: one per CPU) does it in parallel
     done = _run(
-        [str(venv_python()), "-m", "pip", "install", "--no-deps", "--quiet", "-r", str(LOCK)], timeout=timeout
+        [str(venv_python()), "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet", "-r", str(LOCK)],
+        timeout=timeout,
     )
     if done.returncode != 0:
         raise _pip_failed(done, "installing MONAI Label's environment")
+    # a few packages ship files that are not Python 3 (test data, templates): compileall reports them and
+    # exits 1, which leaves those files uncompiled, as pip does
+    _run([str(venv_python()), "-m", "compileall", "-q", "-j", "0", str(VENV / "lib")], timeout=timeout)
     stamp_file.write_text(json.dumps(want))
     return venv_python()
 
