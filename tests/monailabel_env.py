@@ -95,8 +95,7 @@ def ensure_venv(timeout: float = 2400) -> Path:
     )
     if done.returncode != 0:
         raise _pip_failed(done, "installing MONAI Label's environment")
-    # a few packages ship files that are not Python 3 (test data, templates): compileall reports them and
-    # exits 1, which leaves those files uncompiled, as pip does
+    # its exit status is ignored: a file it cannot compile stays uncompiled, as pip leaves it
     _run([str(venv_python()), "-m", "compileall", "-q", "-j", "0", str(VENV / "lib")], timeout=timeout)
     stamp_file.write_text(json.dumps(want))
     return venv_python()
