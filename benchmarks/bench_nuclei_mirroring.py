@@ -28,6 +28,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_precision import matmul_peak  # noqa: E402
 
 from medseg.bundle import load_weights  # noqa: E402
 from medseg.networks import fold_batch_norm  # noqa: E402
@@ -57,17 +60,6 @@ def build(members: str, precision: str) -> tuple[torch.nn.Module, object, torch.
     return net, cp.get_parsed_content("tile_inferer"), x
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """fp32 matrix-multiply throughput of this CPU, the ceiling for the convolutions' GFLOP/s."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return repeats * 2 * n**3 / (time.perf_counter() - t) / 1e9
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -79,18 +71,16 @@ def main() -> None:
     times: dict[str, list[float]] = {m: [] for m in runs}
     out: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
-        for m, (net, inferer, x) in runs.items():  # warm-up
-            out[m] = inferer(x, net)
+        gflop = {}
+        for m, (net, inferer, x) in runs.items():  # warm-up, its work counted
+            with FlopCounterMode(display=False) as counter:
+                out[m] = inferer(x, net)
+            gflop[m] = counter.get_total_flops() / 1e9
         for _ in range(args.repeats):
             for m, (net, inferer, x) in runs.items():
                 t = time.perf_counter()
                 inferer(x, net)
                 times[m].append(time.perf_counter() - t)
-        flops = {}
-        for m, (net, inferer, x) in runs.items():
-            with FlopCounterMode(display=False) as counter:
-                inferer(x, net)
-            flops[m] = counter.get_total_flops()
     med = {m: statistics.median(v) for m, v in times.items()}
     changed = {m: (out[m].argmax(1) != out["border"].argmax(1)).float().mean().item() for m in runs}
     result = {
@@ -98,11 +88,10 @@ def main() -> None:
         "precision": args.precision,
         "median_s": med,
         "all_s": times,
-        "speedup": med["both"] / med["border"],
         "speedup_vs_both": {m: med["both"] / med[m] for m in runs},
         "pixels_changing_class_vs_border": changed,
-        "gflop": {m: f / 1e9 for m, f in flops.items()},
-        "matmul_gflops_fp32": matmul_gflops(),
+        "gflop": gflop,
+        "matmul_gflops_fp32": matmul_peak(3, dtypes=("fp32",))["fp32"],
         "threads": torch.get_num_threads(),
     }
     n = result["threads"]
@@ -110,10 +99,10 @@ def main() -> None:
     print("| mirrored | median s | all s | vs both | pixels changing class vs border | GFLOP | GFLOP/s |")
     print("|---|---|---|---|---|---|---|")
     for m in runs:
-        gf = flops[m] / 1e9
+        gf = gflop[m]
         print(f"| {m} | {med[m]:.3f} | {', '.join(f'{v:.2f}' for v in times[m])} | "
               f"{med['both'] / med[m]:.2f}x | {changed[m]:.2e} | {gf:.0f} | {gf / med[m]:.0f} |")  # fmt: skip
-    print(f"border-only mirroring: {result['speedup']:.2f}x faster than both; "
+    print(f"border-only mirroring: {result['speedup_vs_both']['border']:.2f}x faster than both; "
           f"fp32 matmul on this CPU: {result['matmul_gflops_fp32']:.0f} GFLOP/s")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
