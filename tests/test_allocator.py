@@ -23,31 +23,38 @@ applied = retain_freed_memory(sys.argv[1] == "retain")
 torch.set_num_threads(1)
 net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3)).eval()
 x = torch.rand(1, 1, 1024, 1024)
+faults = []
 with torch.inference_mode():
-    net(x); net(x)
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
+    net(x)
+    for _ in range(8):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         net(x)
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(applied, *faults)
 """
 
 
-def _faults(policy: str) -> tuple[bool, int]:
+def _faults(policy: str) -> tuple[bool, list[int]]:
+    """Whether the policy was applied, and the page faults of each of 8 passes after a first one."""
     proc = subprocess.run(
         [sys.executable, "-c", _FAULTS, policy], capture_output=True, text=True, cwd=ROOT, check=True
     )
-    applied, faults = proc.stdout.split()[-2:]
-    return applied == "True", int(faults)
+    applied, *faults = proc.stdout.split()[-9:]
+    return applied == "True", [int(f) for f in faults]
 
 
 @pytest.mark.skipif(not GLIBC, reason="the policy is glibc's mallopt")
 def test_retained_memory_spares_the_page_faults_of_repeated_passes() -> None:
-    retained, released = _faults("retain"), _faults("release")
-    assert retained[0] and released[0]
-    # three passes allocate 3 x 2 x 64 MiB of activations, faulted in afresh without the policy (tens of
-    # thousands of 4-KiB pages; fewer, 2-MiB faults where transparent huge pages are always on)
-    assert released[1] > 100, released
-    assert retained[1] < released[1] / 20, (retained, released)
+    (retained_ok, retained), (released_ok, released) = _faults("retain"), _faults("release")
+    assert retained_ok and released_ok
+    # each pass allocates 2 x 64 MiB of activations (and more for the convolutions), faulted in afresh
+    # without the policy: tens of thousands of 4-KiB pages, or fewer 2-MiB faults where transparent huge
+    # pages are always on
+    assert min(released) > 100, released
+    # with it, the heap settles within a few passes (how many varies with the interpreter's own small
+    # allocations) and a settled pass faults in nothing new
+    assert min(retained) < min(released) / 100, (retained, released)
+    assert sum(retained) < sum(released) / 5, (retained, released)
 
 
 def test_without_glibc_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:
