@@ -66,3 +66,47 @@ def test_without_glibc_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         monkeypatch.undo()
         allocator._glibc.cache_clear()
+
+
+class _RecordingLibc:
+    """Stands in for glibc: records the ``mallopt`` calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.trimmed = False
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.trimmed = True
+        return 1
+
+
+@pytest.mark.parametrize(
+    "env, mmap_max, trim",
+    [
+        ({}, 65536, 128 * 1024),
+        ({"MALLOC_MMAP_MAX_": "16", "MALLOC_TRIM_THRESHOLD_": "0x200000"}, 16, 2 * 1024 * 1024),
+        ({"GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.trim_threshold=4194304"}, 65536, 4194304),
+        ({"MALLOC_MMAP_MAX_": "16", "GLIBC_TUNABLES": "glibc.malloc.mmap_max=32"}, 32, 128 * 1024),
+        ({"MALLOC_MMAP_MAX_": "lots", "MALLOC_TRIM_THRESHOLD_": "-5"}, 65536, 128 * 1024),
+    ],
+)
+def test_lifting_the_policy_restores_the_environments_settings(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], mmap_max: int, trim: int
+) -> None:
+    for name in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    libc = _RecordingLibc()
+    monkeypatch.setattr(allocator, "_glibc", lambda: libc)
+    assert allocator.retain_freed_memory(True)
+    assert libc.calls == [(allocator._M_MMAP_MAX, 0), (allocator._M_TRIM_THRESHOLD, 2**31 - 1)]
+    assert not libc.trimmed
+    libc.calls.clear()
+    assert allocator.retain_freed_memory(False)
+    assert libc.calls == [(allocator._M_MMAP_MAX, mmap_max), (allocator._M_TRIM_THRESHOLD, trim)]
+    assert libc.trimmed
