@@ -11,8 +11,8 @@ until the policy is lifted, which suits a prediction run (the next case needs th
 ``retain_freed_memory(False)`` lifts it: it returns what is free to the system and puts back the
 process's own policy, the values its environment gave glibc (``MALLOC_MMAP_MAX_``,
 ``MALLOC_TRIM_THRESHOLD_`` or their ``GLIBC_TUNABLES`` names; ``mallopt(3)``, ``tunables(7)``), else
-glibc's defaults. glibc's adaptive mmap threshold stays off once ``mallopt`` has set either parameter;
-large blocks are then mmapped from 128 KiB up, as the default starts.
+glibc's defaults. glibc's mmap threshold stops adapting once ``mallopt`` has set either parameter: it
+keeps the value it had reached.
 """
 
 from __future__ import annotations
